@@ -1,0 +1,46 @@
+"""The exceptions corral raises. Every one derives from :class:`CorralError`."""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Root of every error corral raises."""
+
+
+class ConfigError(CorralError, ValueError):
+    """A setting has a value corral cannot use; the message names the env var and the fix."""
+
+
+class PayloadError(CorralError, ValueError):
+    """A job payload or option was refused before anything was written."""
+
+
+class BackendError(CorralError):
+    """The storage behind a queue failed or holds something corral cannot read."""
+
+
+class BackendConnectionError(BackendError):
+    """The storage (SQLite file, Redis server) could not be reached or opened."""
+
+
+class LeaseLostError(BackendError):
+    """A worker tried to finish a job whose lease it no longer holds; the job was left untouched."""
+
+
+class JobNotFoundError(CorralError, KeyError):
+    """No job with that id exists in the queue."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class UnrecoverableError(Exception):
+    """Raise from a handler to fail the job at once, with no further attempts."""
+
+
+class HandlerTimeoutError(CorralError, TimeoutError):
+    """A handler ran longer than its ``timeout_s``; that attempt failed."""
+
+
+class NoHandlerError(CorralError, LookupError):
+    """A worker received a job whose name has no registered handler."""

@@ -1,0 +1,139 @@
+"""The shapes that cross the seam: what a handler gets, what a worker reports, what is stored."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from corral.retry import Retry
+
+JSON = Any
+"""A value that survives ``json.dumps``/``json.loads`` unchanged (checked by ``corral.payload``)."""
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life. The values are BullMQ's state names."""
+
+    WAITING = "waiting"
+    DELAYED = "delayed"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated job about to be written by :meth:`QueueBackend.enqueue`.
+
+    ``data_json`` is the payload already encoded (and size-checked) by the service, so a backend
+    never encodes twice and never writes something the service did not accept.
+    """
+
+    name: str
+    data_json: str
+    job_id: str | None = None
+    delay_ms: int = 0
+    priority: int = 0
+    attempts: int = 1
+    backoff: Retry | None = None
+    queue: str | None = None
+    """Target queue; ``None`` means the backend's own queue (used for dead letters)."""
+
+
+@dataclass(slots=True)
+class QueueMessage:
+    """One delivery of a job to a handler.
+
+    ``data`` is the payload exactly as it was enqueued. ``attempt`` is 1 on the first delivery
+    and grows by one with every failed attempt. ``progress()`` and ``log()`` store on the job
+    what ``corral job ID`` (and Bull Board, on the BullMQ backend) show.
+    """
+
+    id: str
+    name: str
+    data: JSON
+    queue: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    enqueued_at: datetime
+    backoff: Retry | None = None
+    _progress: Callable[[JSON], Awaitable[None]] | None = field(default=None, repr=False)
+    _log: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
+
+    async def progress(self, value: JSON) -> None:
+        """Record the job's progress: a number (0-100) or any JSON value."""
+        if self._progress is not None:
+            await self._progress(value)
+
+    async def log(self, text: str) -> None:
+        """Append a line to the job's log."""
+        if self._log is not None:
+            await self._log(str(text))
+
+    @property
+    def is_last_attempt(self) -> bool:
+        """Whether a failure now fails the job for good."""
+        return self.attempt >= self.max_attempts
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The handler returned; ``result_json`` is its return value encoded as JSON."""
+
+    result_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """The attempt failed and another one is due after ``delay_ms``."""
+
+    error: str
+    traceback: str
+    delay_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The job failed for good (last attempt, unrecoverable error, unknown name, bad payload)."""
+
+    error: str
+    traceback: str
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The worker is shutting down and gave the job back unfinished; it does not use an attempt."""
+
+
+Outcome = Completed | RetryLater | Failed | Released
+
+Dispatch = Callable[[QueueMessage], Awaitable[Outcome]]
+"""What a backend calls for each delivery; the service's dispatcher (handler lookup, timeouts,
+retry arithmetic) lives above the backends and is the same for all of them."""
+
+
+@dataclass(slots=True)
+class JobInfo:
+    """A job as stored: what ``get_job`` returns and ``corral job`` prints."""
+
+    id: str
+    name: str
+    data: JSON
+    queue: str
+    state: JobState
+    attempts_made: int
+    """Attempts that have ended (failed or completed); the next delivery is attempt ``+ 1``."""
+    max_attempts: int
+    priority: int
+    enqueued_at: datetime
+    run_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: JSON = None
+    error: str | None = None
+    traceback: str | None = None
+    progress: JSON = None
+    logs: list[str] = field(default_factory=list)

@@ -1,0 +1,82 @@
+"""JSON encoding of payloads and results: one place decides what a job may carry."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from corral.errors import PayloadError
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_decoder = json.JSONDecoder()
+
+
+def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
+    """Encode ``data`` as compact JSON, refusing anything that would not come back equal.
+
+    Raises:
+        PayloadError: ``data`` is not plain JSON (a set, bytes, a tuple, NaN, a non-string
+            dict key, a lone surrogate...) or its encoding exceeds ``max_bytes``.
+    """
+    try:
+        text = _encoder.encode(data)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"{what} is not JSON-serialisable: {exc}; pass dicts, lists, "
+            "str, int, finite float, bool or None"
+        ) from None
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply to encode as JSON") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PayloadError(
+            f"{what} contains a string that is not valid Unicode "
+            "(a lone surrogate); encode binary data as base64 text"
+        ) from None
+    if size > max_bytes:
+        raise PayloadError(
+            f"{what} is {size} bytes of JSON, over the limit of {max_bytes} "
+            "(QUEUE_MAX_PAYLOAD_BYTES); store large data elsewhere and enqueue a "
+            "reference to it"
+        )
+    try:
+        back = _decoder.decode(text)
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply to decode as JSON") from None
+    if not _same(back, data):
+        raise PayloadError(
+            f"{what} would not round-trip through JSON unchanged (tuples become "
+            "lists, non-string dict keys become strings): "
+            f"{_first_difference(data)}"
+        )
+    return text
+
+
+def decode_json(text: str | bytes) -> Any:
+    """Decode JSON written by corral or a BullMQ producer."""
+    return _decoder.decode(text if isinstance(text, str) else text.decode("utf-8"))
+
+
+def _same(back: Any, data: Any) -> bool:
+    # JSON keeps bool/int/float apart on its own; `==` catches tuples and non-string keys.
+    try:
+        return bool(back == data)
+    except RecursionError:
+        return False
+
+
+def _first_difference(data: Any) -> str:
+    stack = [("payload", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, tuple):
+            return f"{path} is a tuple; pass a list"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"{path} has the key {key!r} of type {type(key).__name__}; use str keys"
+                stack.append((f"{path}[{key!r}]", item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return "a value changed type"

@@ -1,0 +1,190 @@
+"""QueueSettings: every knob, from arguments, ``QUEUE_*`` environment variables or ``.env``."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from corral.errors import ConfigError
+from corral.retry import Retry
+
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_SECRET_FIELDS = frozenset({"redis_url"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and a lone user token) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    if parts.password is not None:
+        user = f"{parts.username}:***" if parts.username else ":***"
+    else:
+        user = "***"  # redis://TOKEN@host carries the password in the user slot
+    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
+
+
+class QueueSettings(BaseSettings):
+    """Settings of a queue and its workers.
+
+    Every field reads the environment variable ``QUEUE_<FIELD>`` (``QUEUE_BACKEND``,
+    ``QUEUE_REDIS_URL``, ...) and a ``.env`` file in the working directory; keyword arguments win.
+    A value corral cannot use raises :class:`~corral.errors.ConfigError` naming the variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="QUEUE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_parse_none_str="none",
+        validate_default=True,
+    )
+
+    backend: Literal["sqlite", "bullmq"] = "sqlite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    sqlite_path: str = "corral.db"
+    name: str = "default"
+    prefix: str = "bull"
+    concurrency: int = Field(default=10, ge=1, le=10_000)
+    tasks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    attempts: int = Field(default=3, ge=1, le=1_000_000)
+    backoff_type: Literal["fixed", "exponential"] = "exponential"
+    backoff_delay_s: float = Field(default=1.0, ge=0, le=365 * 86400)
+    backoff_jitter: float = Field(default=0.0, ge=0, le=1)
+    lease_s: float = Field(default=30.0, gt=0, le=86400)
+    max_stalls: int = Field(default=1, ge=0, le=1000)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=86400)
+    dead_letter: str | None = None
+    max_payload_bytes: int = Field(default=1_048_576, ge=64, le=512 * 1024 * 1024)
+    keep_completed: int | None = Field(default=1000, ge=0)
+    keep_failed: int | None = Field(default=None, ge=0)
+    rate_limit_max: int | None = Field(default=None, ge=1)
+    rate_limit_duration_s: float = Field(default=1.0, gt=0, le=86400)
+    poll_interval_s: float = Field(default=0.02, gt=0, le=60)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            # `from None`: pydantic's own message echoes raw input, which may hold a password.
+            raise ConfigError(_describe(exc)) from None
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError:
+            raise ValueError(
+                "is not a valid URL; use redis://[user:password@]host:port/db"
+            ) from None
+        if parts.scheme not in _REDIS_SCHEMES:
+            raise ValueError(
+                f"must start with one of {', '.join(s + '://' for s in _REDIS_SCHEMES)}"
+            )
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host; use redis://[user:password@]host:port/db")
+        db = parts.path.lstrip("/")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise ValueError("has a database part that is not a number; use .../0")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_queue_name(value)
+
+    @field_validator("dead_letter", mode="before")
+    @classmethod
+    def _check_dead_letter(cls, value: Any) -> Any:
+        if value is None or (
+            isinstance(value, str) and value.strip().lower() in ("", "off", "none")
+        ):
+            return None
+        if isinstance(value, str):
+            return check_queue_name(value.strip())
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or len(value) > 100 or any(ch.isspace() for ch in value):
+            raise ValueError("must be 1-100 characters without spaces, e.g. 'bull'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> QueueSettings:
+        if self.dead_letter is not None and self.dead_letter == self.name:
+            raise ValueError(
+                "QUEUE_DEAD_LETTER names the queue itself; choose another queue name or 'off'"
+            )
+        return self
+
+    @property
+    def backoff(self) -> Retry:
+        """The default backoff policy built from ``backoff_type``/``backoff_delay_s``/``jitter``."""
+        return Retry(self.backoff_type, round(self.backoff_delay_s * 1000), self.backoff_jitter)
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """``redis_url`` safe to print: the password is replaced by ``***``."""
+        return redact_url(self.redis_url)
+
+    def __repr_args__(self) -> Any:
+        for key, value in super().__repr_args__():
+            if key in _SECRET_FIELDS and isinstance(value, str):
+                yield key, redact_url(value)
+            else:
+                yield key, value
+
+
+def check_queue_name(value: str) -> str:
+    """Return ``value`` if it is a usable queue name, else raise ``ValueError``."""
+    if not isinstance(value, str) or not QUEUE_NAME_RE.match(value):
+        raise ValueError(
+            "must be 1-200 characters of letters, digits, '_', '.' or '-' (no ':' or spaces)"
+        )
+    return value
+
+
+_ALLOWED_HINTS: dict[str, str] = {
+    "backend": "'sqlite' or 'bullmq'",
+    "backoff_type": "'fixed' or 'exponential'",
+}
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = error.get("loc") or ()
+        field = str(loc[0]) if loc else ""
+        env = f"QUEUE_{field.upper()}" if field else "QueueSettings"
+        msg = str(error.get("msg", "invalid value"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if field in _ALLOWED_HINTS:
+            msg = f"must be {_ALLOWED_HINTS[field]}"
+        lines.append(f"{env} (setting '{field}'): {msg}" if field else msg)
+    return "invalid queue settings: " + "; ".join(lines)
