@@ -1,4 +1,4 @@
-"""Shared fixtures: real SQLite files, the machine's Redis, one settings factory for both backends."""
+"""Shared fixtures: real SQLite files, the machine's Redis, one settings factory for both."""
 
 from __future__ import annotations
 
@@ -47,9 +47,19 @@ def redis_url() -> str:
         if server is None:
             missing("Redis is not answering on 127.0.0.1:6379 and redis-server is not installed")
         subprocess.run(
-            [server, "--daemonize", "yes", "--port", str(REDIS_PORT), "--save", "",
-             "--appendonly", "no"],
-            check=True, capture_output=True,
+            [
+                server,
+                "--daemonize",
+                "yes",
+                "--port",
+                str(REDIS_PORT),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            check=True,
+            capture_output=True,
         )
         deadline = time.monotonic() + 10
         while not _redis_answers():
