@@ -1,0 +1,5 @@
+"""``python -m corral``: the ``corral`` command."""
+
+from corral.cli import main
+
+main()
