@@ -124,6 +124,8 @@ async def consume(
 
     async def fetch_loop() -> None:
         stop_wait = asyncio.ensure_future(stop.wait())
+        # Housekeeping first: leases that expired while no worker ran are taken back now.
+        await errors.guard(source.maintain(), "housekeeping")
         try:
             while not stop.is_set():
                 free = concurrency - len(held)
