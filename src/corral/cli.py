@@ -351,11 +351,11 @@ def job(
     out.print(grid)
     if info.traceback:
         out.print("traceback:", markup=False)
-        out.print(Text(info.traceback.rstrip()))
+        out.print(Text(info.traceback.rstrip()), soft_wrap=True)
     if info.logs:
         out.print("logs:", markup=False)
         for line in info.logs:
-            out.print(Text(f"  {line}"))
+            out.print(Text(f"  {line}"), soft_wrap=True)
 
 
 def job_to_dict(info: JobInfo) -> dict[str, Any]:

@@ -192,6 +192,8 @@ async def run_worker(
     handled = (signal.SIGTERM, signal.SIGINT)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
+    while _early_signals:
+        on_signal(_early_signals.pop(0))
     watchdog = (
         asyncio.create_task(_watch_parent(parent_pid, service), name="corral-parent-watch")
         if parent_pid is not None
@@ -212,6 +214,20 @@ async def run_worker(
         for sig in handled:
             loop.remove_signal_handler(sig)
     return 128 + hard_signal if hard_signal is not None else EXIT_OK
+
+
+_early_signals: list[int] = []
+
+
+def _catch_early_signals() -> None:
+    """Until the worker's event loop handles SIGTERM/SIGINT, remember them instead of dying, so a
+    signal that arrives while the task modules import still means a graceful stop."""
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        _early_signals.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, remember)
 
 
 def _arm_hard_exit(code: int) -> None:
@@ -323,6 +339,7 @@ class Supervisor:
         for slot in self.slots:
             self._start(slot)
         signals_seen = 0
+        forwarded: set[int] = set()
         hard_signal: int | None = None
         kill_at: float | None = None
         final_codes: dict[int, int] = {}
@@ -330,6 +347,7 @@ class Supervisor:
             while self._signals:
                 signum = self._signals.pop(0)
                 signals_seen += 1
+                forwarded.add(signum)
                 name = signal.Signals(signum).name
                 if signals_seen == 1:
                     logger.info("%s received: stopping the worker processes", name)
@@ -350,7 +368,9 @@ class Supervisor:
                     continue
                 pid = slot.process.pid
                 slot.process = None
-                final_codes[slot.index] = code
+                # A child that had not yet installed its handlers dies of the forwarded signal
+                # itself; it held no job, so for a stop that is as good as a clean exit.
+                final_codes[slot.index] = 0 if -code in forwarded else code
                 if signals_seen:
                     logger.info(
                         "worker process %d (pid %d) exited: %s", slot.index + 1, pid, _how(code)
@@ -368,7 +388,7 @@ class Supervisor:
                     slot.quick_deaths += 1
                     slot.restart_at = now + delay
                     logger.warning(
-                        "worker process %d (pid %d) %s; restarting it in %.1fs",
+                        "worker process %d (pid %d) %s; restarting it in %.2fs",
                         slot.index + 1,
                         pid,
                         _how(code),
@@ -447,6 +467,8 @@ def serve(options: WorkerOptions) -> int:
     """
     try:
         configure_logging(options.log_level)
+        if options.processes == 1:
+            _catch_early_signals()
         if options.processes < 1:
             raise ConfigError(f"--processes must be >= 1, got {options.processes}")
         if options.concurrency is not None and options.concurrency < 1:
@@ -473,7 +495,13 @@ def serve(options: WorkerOptions) -> int:
             env=child_env(options.overrides),
             burst=options.burst,
         ).run()
-    logger.info("queue %r: %s at %s, tasks %s", settings.name, settings.backend, where, modules)
+    logger.info(
+        "queue %r on %s at %s; task modules: %s",
+        settings.name,
+        settings.backend,
+        where,
+        ", ".join(modules),
+    )
     try:
         return asyncio.run(
             run_worker(
