@@ -24,7 +24,7 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses cost a setattr call per field
 class NewJob:
     """A validated job about to be written by :meth:`QueueBackend.enqueue`.
 

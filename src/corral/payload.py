@@ -40,6 +40,8 @@ def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
             "(QUEUE_MAX_PAYLOAD_BYTES); store large data elsewhere and enqueue a "
             "reference to it"
         )
+    if size < 256 and _plain(data, 3):
+        return text  # small and made only of exact JSON types: nothing can change on the way
     try:
         back = _decoder.decode(text)
     except RecursionError:
@@ -56,6 +58,23 @@ def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
 def decode_json(text: str | bytes) -> Any:
     """Decode JSON written by corral or a BullMQ producer."""
     return _decoder.decode(text if isinstance(text, str) else text.decode("utf-8"))
+
+
+_SCALARS = (str, int, float, type(None))
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` is built only of dict (str keys), list and JSON scalars, shallowly."""
+    kind = type(value)
+    if kind in _SCALARS or kind is bool:
+        return True
+    if depth == 0:
+        return False
+    if kind is dict:
+        return all(type(k) is str and _plain(v, depth - 1) for k, v in value.items())
+    if kind is list:
+        return all(_plain(v, depth - 1) for v in value)
+    return False
 
 
 def _same(back: Any, data: Any) -> bool:

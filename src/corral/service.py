@@ -80,6 +80,7 @@ class QueueService:
         self._stop = asyncio.Event()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._sync: _SyncRunner | None = None
+        self._default_backoff = self.settings.backoff
 
     def __repr__(self) -> str:
         s = self.settings
@@ -176,17 +177,14 @@ class QueueService:
     ) -> NewJob:
         """Validate a job and encode its payload; raise PayloadError before anything is written."""
         _check_name(name, error=PayloadError)
-        if (
+        # Fast paths first: the defaults (0) are by far the most common values.
+        if (delay_s != 0 or type(delay_s) is not int) and (
             isinstance(delay_s, bool)
             or not isinstance(delay_s, int | float)
             or not (math.isfinite(delay_s) and delay_s >= 0)
         ):
             raise PayloadError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
-        if (
-            isinstance(priority, bool)
-            or not isinstance(priority, int)
-            or not (0 <= priority <= PRIORITY_LIMIT)
-        ):
+        if type(priority) is not int or not (0 <= priority <= PRIORITY_LIMIT):
             raise PayloadError(
                 f"priority must be a whole number from 0 (first) to {PRIORITY_LIMIT}, "
                 f"got {priority!r}"
@@ -196,7 +194,7 @@ class QueueService:
             attempts = spec.attempts if spec and spec.attempts else self.settings.attempts
         _check_attempts(attempts, error=PayloadError)
         if backoff is None:
-            backoff = spec.backoff if spec and spec.backoff else self.settings.backoff
+            backoff = spec.backoff if spec and spec.backoff else self._default_backoff
         if not isinstance(backoff, Retry):
             raise PayloadError(
                 f"backoff must be a Retry (Retry.fixed/exponential), got {backoff!r}"
@@ -514,6 +512,7 @@ def _with_backend(service: QueueService, backend: QueueBackend) -> QueueService:
     view._sync = None
     view._executor = None
     view._stop = asyncio.Event()
+    view._default_backoff = service._default_backoff
     return view
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -262,9 +263,33 @@ class SQLiteBackend(QueueBackend):
 
     # -- producing -------------------------------------------------------------------------
 
+    async def _statement(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Run one statement in its own implicit transaction (cheaper than BEGIN/COMMIT),
+        retrying while another process holds the write lock."""
+        conn = self.conn
+        pause = 0.001
+        deadline = time.monotonic() + LOCK_GIVE_UP_S
+        while True:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc) or time.monotonic() > deadline:
+                    raise _wrap(self._path, exc) from exc
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            except sqlite3.DatabaseError as exc:
+                raise _wrap(self._path, exc) from exc
+
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         now = _now_ms()
         rows = [self._row(job, now) for job in jobs]
+        if len(rows) == 1:
+            row = rows[0]
+            found = await self._statement(_INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
+            _wake((self._key[0], row[0]))
+            if row[1] is not None:
+                return [row[1]]  # custom id: inserted now, or the existing job's
+            return [str(found[0][0])]
 
         def insert(conn: sqlite3.Connection) -> list[str]:
             if all(row[1] is None for row in rows):
@@ -303,7 +328,7 @@ class SQLiteBackend(QueueBackend):
             now + job.delay_ms,
             now,
             job.attempts,
-            json.dumps(job.backoff.to_bullmq()) if job.backoff else None,
+            _backoff_json(job.backoff) if job.backoff else None,
             None,
         )
 
@@ -496,6 +521,9 @@ class _Source(PullSource):
         self._loop = asyncio.get_running_loop()
         self._data_version = -1
         self._last_maintain = 0.0
+        self._pending: list[tuple[Claim, Outcome, asyncio.Future[bool]]] = []
+        self._flush_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
 
     # Claiming ---------------------------------------------------------------------------
 
@@ -592,61 +620,86 @@ class _Source(PullSource):
     # Settling ---------------------------------------------------------------------------
 
     async def settle(self, claim: Claim, outcome: Outcome) -> None:
-        now = _now_ms()
-        seq = claim.extra
-        fence = "seq = ? AND lease_token = ? AND state = 'active' AND lease_expires_at >= ?"
-        fence_args = (seq, claim.token, now)
-        settings = self.settings
-
-        def apply(conn: sqlite3.Connection) -> None:
-            if isinstance(outcome, Completed):
-                if settings.keep_completed == 0:
-                    cursor = conn.execute(f"DELETE FROM jobs WHERE {fence}", fence_args)
-                else:
-                    cursor = conn.execute(
-                        "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, "
-                        "attempts_made = attempts_made + 1, lease_token = NULL, "
-                        f"lease_expires_at = NULL WHERE {fence}",
-                        (outcome.result_json, now, *fence_args),
-                    )
-            elif isinstance(outcome, RetryLater):
-                state = "delayed" if outcome.delay_ms > 0 else "waiting"
-                cursor = conn.execute(
-                    "UPDATE jobs SET state = ?, run_at = ?, attempts_made = attempts_made + 1, "
-                    "error = ?, traceback = ?, lease_token = NULL, lease_expires_at = NULL "
-                    f"WHERE {fence}",
-                    (state, now + outcome.delay_ms, outcome.error, outcome.traceback, *fence_args),
-                )
-            elif isinstance(outcome, Failed):
-                cursor = conn.execute(
-                    "UPDATE jobs SET state = 'failed', error = ?, traceback = ?, finished_at = ?, "
-                    "attempts_made = attempts_made + 1, lease_token = NULL, "
-                    f"lease_expires_at = NULL WHERE {fence}",
-                    (outcome.error, outcome.traceback, now, *fence_args),
-                )
-                if cursor.rowcount == 1:
-                    self._dead_letter(conn, seq, outcome.error, now)
-                    self._trim_failed(conn)
-            elif isinstance(outcome, Released):
-                cursor = conn.execute(
-                    "UPDATE jobs SET state = 'waiting', lease_token = NULL, "
-                    f"lease_expires_at = NULL WHERE {fence}",
-                    fence_args,
-                )
-            else:  # pragma: no cover - exhaustive over Outcome
-                raise TypeError(f"unknown outcome {outcome!r}")
-            if cursor.rowcount != 1:
-                raise _LeaseLost
-
-        try:
-            await self.backend._write(apply)
-        except _LeaseLost:
+        # Group commit: settles that arrive in the same loop iteration share one transaction.
+        future: asyncio.Future[bool] = self._loop.create_future()
+        self._pending.append((claim, outcome, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._start_flush)
+        if not await future:
             raise LeaseLostError(
                 f"lease on job {claim.job_id} expired or was taken over before it could be "
                 f"settled ({type(outcome).__name__}); the job was left untouched"
-            ) from None
+            )
         if isinstance(outcome, RetryLater | Released):
             self.wake()
+
+    def _start_flush(self) -> None:
+        task = self._loop.create_task(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flush_scheduled = False
+        now = _now_ms()
+        try:
+            kept = await self.backend._write(
+                lambda conn: [self._apply(conn, claim, outcome, now) for claim, outcome, _ in batch]
+            )
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), ok in zip(batch, kept, strict=True):
+            if not future.done():
+                future.set_result(ok)
+
+    def _apply(self, conn: sqlite3.Connection, claim: Claim, outcome: Outcome, now: int) -> bool:
+        """Apply one outcome under the claim's fence; ``False`` (and no change) if it is stale."""
+        seq = claim.extra
+        fence = "seq = ? AND lease_token = ? AND state = 'active' AND lease_expires_at >= ?"
+        fence_args = (seq, claim.token, now)
+        if isinstance(outcome, Completed):
+            if self.settings.keep_completed == 0:
+                cursor = conn.execute(f"DELETE FROM jobs WHERE {fence}", fence_args)
+            else:
+                cursor = conn.execute(
+                    "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, "
+                    "attempts_made = attempts_made + 1, lease_token = NULL, "
+                    f"lease_expires_at = NULL WHERE {fence}",
+                    (outcome.result_json, now, *fence_args),
+                )
+        elif isinstance(outcome, RetryLater):
+            state = "delayed" if outcome.delay_ms > 0 else "waiting"
+            cursor = conn.execute(
+                "UPDATE jobs SET state = ?, run_at = ?, attempts_made = attempts_made + 1, "
+                "error = ?, traceback = ?, lease_token = NULL, lease_expires_at = NULL "
+                f"WHERE {fence}",
+                (state, now + outcome.delay_ms, outcome.error, outcome.traceback, *fence_args),
+            )
+        elif isinstance(outcome, Failed):
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, traceback = ?, finished_at = ?, "
+                "attempts_made = attempts_made + 1, lease_token = NULL, "
+                f"lease_expires_at = NULL WHERE {fence}",
+                (outcome.error, outcome.traceback, now, *fence_args),
+            )
+            if cursor.rowcount == 1:
+                self._dead_letter(conn, seq, outcome.error, now)
+                self._trim_failed(conn)
+        elif isinstance(outcome, Released):
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'waiting', lease_token = NULL, "
+                f"lease_expires_at = NULL WHERE {fence}",
+                fence_args,
+            )
+        else:  # pragma: no cover - exhaustive over Outcome
+            raise TypeError(f"unknown outcome {outcome!r}")
+        return cursor.rowcount == 1
 
     def _dead_letter(self, conn: sqlite3.Connection, seq: int, error: str, now: int) -> None:
         target = self.settings.dead_letter
@@ -804,10 +857,6 @@ class _Source(PullSource):
             self._loop.call_soon_threadsafe(self._wake.set)
 
 
-class _LeaseLost(Exception):
-    """Internal: a fenced update matched no row; rolls the transaction back."""
-
-
 def _wake(key: tuple[str, str]) -> None:
     with _waiters_lock:
         sources = list(_waiters.get(key, ()))
@@ -829,6 +878,11 @@ def _trim(conn: sqlite3.Connection, queue: str, state: str, keep: int) -> None:
             "(finished_at = ? AND seq <= ?))",
             (queue, state, cutoff[0], cutoff[0], cutoff[1]),
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _backoff_json(backoff: Retry) -> str:
+    return json.dumps(backoff.to_bullmq())
 
 
 def dead_letter_id(queue: str, job_id: str) -> str:
