@@ -502,6 +502,11 @@ class SQLiteBackend(QueueBackend):
         )
 
 
+_READY_SQL = (
+    "SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'waiting') "
+    "OR EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'delayed' AND run_at <= ?)"
+)
+
 _INSERT = (
     "INSERT INTO jobs (queue, custom_id, name, data, state, priority, run_at, enqueued_at, "
     "max_attempts, backoff, logs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -532,6 +537,10 @@ class _Source(PullSource):
         token = secrets.token_hex(8)
         lease_until = now + self.lease_ms
         queue = self.queue
+        # A read needs no lock: only take the write lock when there is something to claim,
+        # so idle workers woken by other queues' commits do not contend with producers.
+        if not self.backend._read(_READY_SQL, (queue, queue, now)):
+            return []
 
         def take(conn: sqlite3.Connection) -> list[Any]:
             conn.execute(
@@ -772,6 +781,19 @@ class _Source(PullSource):
         now = _now_ms()
         settings = self.settings
         queue = self.queue
+        trim_completed = settings.keep_completed is not None and (
+            self.backend._read(
+                "SELECT 1 FROM jobs WHERE queue = ? AND state = 'completed' LIMIT 1 OFFSET ?",
+                (queue, settings.keep_completed),
+            )
+        )
+        expired_any = self.backend._read(
+            "SELECT 1 FROM jobs WHERE queue = ? AND state = 'active' AND lease_expires_at < ? "
+            "LIMIT 1",
+            (queue, now),
+        )
+        if not trim_completed and not expired_any:
+            return
 
         def housekeeping(conn: sqlite3.Connection) -> tuple[int, int]:
             expired = conn.execute(
