@@ -339,3 +339,20 @@ def test_console_script(corral: Corral) -> None:
     helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     for command in ("enqueue", "stats", "jobs", "job", "retry", "purge", "worker", "check"):
         assert re.search(rf"^\s+{command}\s", helped.stdout, re.M), command
+
+
+def test_demo_runs_and_drains_its_batch(corral: Corral) -> None:
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    result = subprocess.run(
+        [PYTHON, str(demo)],
+        env=python_env(QUEUE_SQLITE_PATH=str(corral.db)),
+        cwd=corral.cwd,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"completed\s*│\s*15\s*│", result.stdout), result.stdout
+    assert re.search(r"failed\s*│\s*1\s*│", result.stdout), result.stdout
+    assert "retried: 9 send_email completed on attempt 2" in result.stdout
+    assert "order-1002 charge_card: UnrecoverableError" in result.stdout
