@@ -1,0 +1,1093 @@
+"""BullMQ on Redis: corral jobs stored exactly as Node.js BullMQ stores them.
+
+Every state change goes through the Lua scripts shipped with the ``bullmq`` Python package, which
+are the scripts Node.js BullMQ runs, so Node producers and workers, Bull Board and Taskforce.sh
+handle corral jobs as their own and corral handles theirs. Job name = handler name, job ``data`` =
+the payload's JSON verbatim, options in BullMQ's names (``attempts``, ``backoff``, ``delay``,
+``priority``, ``jobId``, ``removeOnComplete``/``removeOnFail``).
+
+corral does not run the package's ``Worker``. :class:`_Source` drives the same scripts
+(``moveToActive``, ``moveToFinished``, ``moveToDelayed``, ``retryJob``,
+``moveJobFromActiveToWait``, ``extendLocks``, ``moveStalledJobsToWait``) from corral's shared
+consumer loop, which avoids the package worker's defects: it blocks on the queue's ``marker`` key
+with ``BZPOPMIN`` on a dedicated connection like Node does (millisecond pickup, delays and backoffs
+to the millisecond), honours the limiter's wait, and names that connection as Node names its
+workers so ``Queue.getWorkers()`` (and Bull Board) list corral workers.
+
+Redis layout for prefix ``bull`` and queue ``q`` (all BullMQ's): the job hash ``bull:q:<id>``
+(``name``, ``data``, ``opts``, ``timestamp``, ``atm`` = attempts made, ``returnvalue``,
+``failedReason``, ``stacktrace``, ...), its ``:lock`` and ``:logs``, the lists ``wait``,
+``active`` and (legacy) ``paused``, the sorted sets ``prioritized``, ``delayed``, ``completed``,
+``failed``, ``marker`` (wakes blocked workers), the ``meta`` hash (``paused``, ``version``, global
+rate limit) and the ``events`` stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import bullmq
+import msgpack  # type: ignore[import-untyped]
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from bullmq.queue_keys import QueueKeys
+from bullmq.redis_connection import RedisConnection, loadScript
+from bullmq.scripts import Scripts
+from bullmq.utils import object_to_flat_array
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from corral._consumer import Claim, PullSource, consume
+from corral.backends.base import QueueBackend
+from corral.errors import BackendConnectionError, BackendError, LeaseLostError
+from corral.message import (
+    JSON,
+    Completed,
+    Dispatch,
+    Failed,
+    JobInfo,
+    JobState,
+    NewJob,
+    Outcome,
+    QueueMessage,
+    Released,
+    RetryLater,
+)
+from corral.payload import decode_json, encode_payload
+from corral.retry import Retry
+from corral.settings import QueueSettings
+
+logger = logging.getLogger("corral.bullmq")
+
+LIB_VERSION = f"bullmq:{bullmq.__version__}"
+"""What corral records in the queue's ``meta`` hash (``version``), in the ``<lib>:<version>`` form
+Node's ``Queue`` writes: the package whose scripts write corral's jobs."""
+
+# Scripts the package ships but does not register on its connection.
+_EXTRA_SCRIPTS = {
+    "moveJobFromActiveToWait": "moveJobFromActiveToWait-9.lua",
+    "addLog": "addLog-2.lua",
+}
+_MIN_BLOCK_S = 0.001  # BZPOPMIN's timeout 0 means "for ever"; 1 ms is Node's floor too
+_MAX_BLOCK_S = 5.0  # keep a blocked connection short-lived, as Node caps it (10 s)
+_CLAIM_BATCH_CAP = 100
+_WATCH_TRIES = 5
+_CLOSE_TIMEOUT_S = 2.0
+_DELAY_SCORE_FACTOR = 0x1000  # delayed-set scores are ``timestamp_ms * 0x1000 + counter``
+_FINISH_ERRORS = {
+    -1: "the job no longer exists",
+    -2: "its lock expired",
+    -3: "it is no longer active",
+    -6: "another worker holds its lock",
+}
+_STATES = {
+    "waiting": JobState.WAITING,
+    "prioritized": JobState.WAITING,
+    "waiting-children": JobState.WAITING,
+    "delayed": JobState.DELAYED,
+    "active": JobState.ACTIVE,
+    "completed": JobState.COMPLETED,
+    "failed": JobState.FAILED,
+}
+_warned_eviction: set[str] = set()
+
+
+class BullMQBackend(QueueBackend):
+    """One queue stored in Redis in BullMQ's layout (see the module docstring)."""
+
+    def __init__(self, settings: QueueSettings) -> None:
+        super().__init__(settings)
+        self._queue_keys = QueueKeys(settings.prefix)
+        self.keys: dict[str, str] = self._queue_keys.getKeys(settings.name)
+        self.lock_ms = max(1, round(settings.lease_s * 1000))
+        self._client: aioredis.Redis | None = None
+        self._scripts: Any = None  # bullmq.scripts.Scripts bound to this queue
+        self._commands: dict[str, Any] = {}
+        self._prepared: set[str] = set()
+        self._source: _Source | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<BullMQBackend queue={self.queue_name!r} prefix={self.settings.prefix!r} "
+            f"at {self.settings.redis_url_redacted}>"
+        )
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _connect(self) -> aioredis.Redis:
+        """Create the pooled client (no I/O yet) and register the package's Lua scripts on it."""
+        if self._client is None:
+            client = aioredis.Redis.from_url(
+                self.settings.redis_url,
+                decode_responses=True,
+                socket_connect_timeout=5.0,
+                socket_timeout=30.0,
+                health_check_interval=30,
+                # One quick retry for a dropped pooled connection; longer outages are paced by
+                # the consumer loop, and a producer should get an error, not a minute of retries.
+                retry=RedisRetry(
+                    ExponentialBackoff(cap=0.5, base=0.05), 1, (redis_errors.ConnectionError,)
+                ),
+            )
+            connection = RedisConnection(client)
+            commands = dict(connection.commands)
+            for name, filename in _EXTRA_SCRIPTS.items():
+                commands[name] = client.register_script(loadScript(filename))
+            self._scripts = Scripts(self.settings.prefix, self.queue_name, connection)
+            self._commands = commands
+            self._client = client
+        return self._client
+
+    async def _ready(self, *queues: str) -> aioredis.Redis:
+        """The client, with ``meta.version`` written once for each queue this backend writes."""
+        client = self._connect()
+        for queue in queues or (self.queue_name,):
+            if queue not in self._prepared:
+                await client.hset(self._keys(queue)["meta"], "version", LIB_VERSION)
+                self._prepared.add(queue)
+        url = self.settings.redis_url_redacted
+        if url not in _warned_eviction:
+            _warned_eviction.add(url)
+            await self._check_eviction_policy(client)
+        return client
+
+    async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
+        try:
+            info = await client.info("memory")
+        except redis_errors.ResponseError:  # INFO disabled on some managed services
+            logger.debug("cannot read Redis's maxmemory-policy", exc_info=True)
+            return
+        policy = info.get("maxmemory_policy")
+        if policy is not None and policy != "noeviction":
+            logger.warning(
+                "Redis at %s has maxmemory-policy=%s; BullMQ needs 'noeviction' or Redis may "
+                "silently delete jobs and locks under memory pressure "
+                "(CONFIG SET maxmemory-policy noeviction)",
+                self.settings.redis_url_redacted,
+                policy,
+            )
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Raise Redis driver errors as corral's, naming the server without its password."""
+        try:
+            yield
+        except redis_errors.AuthenticationError as exc:
+            raise BackendConnectionError(
+                f"Redis at {self.settings.redis_url_redacted} refused the credentials while "
+                f"{doing} ({exc}); check the user and password in QUEUE_REDIS_URL"
+            ) from exc
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise BackendConnectionError(
+                f"cannot reach Redis at {self.settings.redis_url_redacted} while {doing} "
+                f"({exc}); check QUEUE_REDIS_URL and that Redis is running"
+            ) from exc
+        except redis_errors.RedisError as exc:
+            raise BackendError(
+                f"Redis error while {doing} on queue {self.queue_name!r}: {exc}"
+            ) from exc
+
+    def _keys(self, queue: str) -> dict[str, str]:
+        if queue == self.queue_name:
+            return self.keys
+        keys: dict[str, str] = self._queue_keys.getKeys(queue)
+        return keys
+
+    def _job_key(self, job_id: str) -> str:
+        return self.keys[""] + job_id
+
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._commands[script](keys=list(keys), args=list(args))
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+        if not jobs:
+            return []
+        queues = {job.queue or self.queue_name for job in jobs}
+        timestamp = _now_ms()
+        with self._errors("adding jobs"):
+            client = await self._ready(*sorted(queues))
+            # MULTI/EXEC: nothing is applied unless the whole batch reaches Redis.
+            async with client.pipeline(transaction=True) as pipe:
+                for job in jobs:
+                    await self._add(pipe, job, timestamp)
+                results = await pipe.execute()
+        ids: list[str] = []
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, int) and result < 0:
+                raise BackendError(f"BullMQ refused job {job.name!r} (code {result})")
+            ids.append(str(result))
+        if self._source is not None and self.queue_name in queues:
+            self._source.wake()
+        return ids
+
+    async def _add(self, pipe: Any, job: NewJob, timestamp: int) -> None:
+        """Queue one add script on ``pipe``, choosing it as Node's ``Job.addJob`` does.
+
+        The add scripts return the existing id for a duplicate ``jobId`` and leave that job as
+        it is, so duplicates need no extra check.
+        """
+        keys = self._keys(job.queue or self.queue_name)
+        packed_args = msgpack.packb(
+            # prefix, custom id, name, timestamp, parent key, parent dependencies key, parent,
+            # repeat job key, deduplication key: the argument array of the package's scripts.
+            [keys[""], job.job_id or "", job.name, timestamp, None, None, None, None, None],
+            use_bin_type=True,
+        )
+        argv = [packed_args, job.data_json, msgpack.packb(self._job_opts(job), use_bin_type=True)]
+        if job.delay_ms > 0:
+            script = "addDelayedJob"
+            names = ["marker", "meta", "id", "delayed", "completed", "events"]
+        elif job.priority:
+            script = "addPrioritizedJob"
+            names = ["marker", "meta", "id", "prioritized", "delayed", "completed", "active"]
+            names += ["events", "pc"]
+        else:
+            script = "addStandardJob"
+            names = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events"]
+            names += ["marker"]
+        await self._commands[script](keys=[keys[n] for n in names], args=argv, client=pipe)
+
+    def _job_opts(self, job: NewJob) -> dict[str, Any]:
+        """The ``opts`` a Node producer writes for the same job (omitted options are absent)."""
+        opts: dict[str, Any] = {"attempts": job.attempts}
+        if job.backoff is not None:
+            opts["backoff"] = job.backoff.to_bullmq()
+        if job.delay_ms > 0:
+            opts["delay"] = job.delay_ms
+        if job.priority:
+            opts["priority"] = job.priority
+        if job.job_id is not None:
+            opts["jobId"] = job.job_id
+        if self.settings.keep_completed is not None:
+            opts["removeOnComplete"] = self.settings.keep_completed
+        if self.settings.keep_failed is not None:
+            opts["removeOnFail"] = self.settings.keep_failed
+        return opts
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def start_consuming(
+        self,
+        dispatch: Dispatch,
+        *,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool = False,
+    ) -> None:
+        source = _Source(self, burst=burst)
+        self._source = source
+        try:
+            await consume(
+                source,
+                dispatch,
+                concurrency=concurrency,
+                stop=stop,
+                burst=burst,
+                shutdown_grace_s=self.settings.shutdown_grace_s,
+            )
+        finally:
+            self._source = None
+            await source.aclose()
+
+    # -- managing --------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobInfo | None:
+        k = self.keys
+        with self._errors(f"reading job {job_id}"):
+            client = await self._ready()
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self._job_key(job_id))
+                await self._commands["getStateV2"](
+                    keys=[
+                        k["completed"],
+                        k["failed"],
+                        k["delayed"],
+                        k["active"],
+                        k["wait"],
+                        k["paused"],
+                        k["waiting-children"],
+                        k["prioritized"],
+                    ],
+                    args=[job_id],
+                    client=pipe,
+                )
+                pipe.lrange(self._job_key(job_id) + ":logs", 0, -1)
+                pipe.zscore(k["delayed"], job_id)
+                raw, state, logs, delayed_score = await pipe.execute()
+        if not raw:
+            return None
+        return self._info(job_id, raw, str(state), logs, delayed_score)
+
+    async def list_jobs(
+        self, state: JobState, *, limit: int = 50, offset: int = 0
+    ) -> list[JobInfo]:
+        if limit <= 0:
+            return []
+        offset = max(0, offset)
+        k = self.keys
+        with self._errors(f"listing {state.value} jobs"):
+            client = await self._ready()
+            scores: dict[str, float] = {}
+            if state is JobState.WAITING:
+                ids = await self._waiting_ids(client, offset, limit)
+            elif state is JobState.DELAYED:
+                pairs: list[Any] = await client.zrange(
+                    k["delayed"], offset, offset + limit - 1, withscores=True
+                )
+                scores = {str(member): float(score) for member, score in pairs}
+                ids = list(scores)
+            elif state is JobState.ACTIVE:
+                # The active list grows on the left: read from the right, first started first.
+                ids = _strs(await client.lrange(k["active"], -(offset + limit), -(offset + 1)))
+                ids.reverse()
+            else:
+                ids = _strs(await client.zrevrange(k[state.value], offset, offset + limit - 1))
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._job_key(job_id))
+                    pipe.lrange(self._job_key(job_id) + ":logs", 0, -1)
+                rows = await pipe.execute()
+        infos = []
+        for index, job_id in enumerate(ids):
+            raw, logs = rows[2 * index], rows[2 * index + 1]
+            if raw:  # skip jobs removed between the two reads
+                state_name = "waiting" if state is JobState.WAITING else state.value
+                infos.append(self._info(job_id, raw, state_name, logs, scores.get(job_id)))
+        return infos
+
+    async def _waiting_ids(self, client: aioredis.Redis, offset: int, limit: int) -> list[str]:
+        """Waiting job ids in delivery order: ``wait`` (oldest at the right end, where
+        ``moveToActive`` pops), then ``prioritized`` by score, then a legacy ``paused`` list."""
+        k = self.keys
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.llen(k["wait"])
+            pipe.zcard(k["prioritized"])
+            pipe.llen(k["paused"])
+            lengths = await pipe.execute()
+        ids: list[str] = []
+        start, stop = offset, offset + limit - 1
+        for segment, length in zip(("wait", "prioritized", "paused"), lengths, strict=True):
+            if stop >= 0 and start < length:
+                lo, hi = max(0, start), min(stop, length - 1)
+                if segment == "prioritized":
+                    ids += _strs(await client.zrange(k[segment], lo, hi))
+                else:
+                    part = _strs(await client.lrange(k[segment], -(hi + 1), -(lo + 1)))
+                    ids += reversed(part)
+            start, stop = start - length, stop - length
+        return ids
+
+    async def counts(self) -> dict[JobState, int]:
+        types = ["wait", "paused", "prioritized", "waiting-children", "delayed", "active"]
+        types += ["completed", "failed"]
+        with self._errors("counting jobs"):
+            await self._ready()
+            values = dict(zip(types, await self._scripts.getCounts(types), strict=True))
+        return {
+            JobState.WAITING: sum(
+                int(values[t]) for t in ("wait", "paused", "prioritized", "waiting-children")
+            ),
+            JobState.DELAYED: int(values["delayed"]),
+            JobState.ACTIVE: int(values["active"]),
+            JobState.COMPLETED: int(values["completed"]),
+            JobState.FAILED: int(values["failed"]),
+        }
+
+    async def retry_failed(self, *, limit: int | None = None) -> int:
+        k = self.keys
+        moved = 0
+        remaining = limit
+        with self._errors("retrying failed jobs"):
+            client = await self._ready()
+            while remaining is None or remaining > 0:
+                batch = 1000 if remaining is None else min(remaining, 1000)
+                ids = _strs(await client.zrange(k["failed"], 0, batch - 1))  # oldest first
+                if not ids:
+                    break
+                async with client.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        # Node's Job.retry('failed', {resetAttemptsMade: true}): back to waiting
+                        # (or prioritized) with attempts made reset; attemptsStarted is kept.
+                        await self._commands["reprocessJob"](
+                            keys=[
+                                self._job_key(job_id),
+                                k["events"],
+                                k["failed"],
+                                k["wait"],
+                                k["meta"],
+                                k["active"],
+                                k["marker"],
+                                k["prioritized"],
+                                k["pc"],
+                            ],
+                            args=[job_id, "LPUSH", "failedReason", "failed", "1", "0"],
+                            client=pipe,
+                        )
+                    results = await pipe.execute()
+                done = sum(1 for result in results if result == 1)
+                moved += done
+                if remaining is not None:
+                    remaining -= len(ids)
+                if done == 0:  # only orphaned ids left; they would come back every time
+                    break
+        if moved and self._source is not None:
+            self._source.wake()
+        return moved
+
+    async def remove(self, job_id: str) -> bool:
+        with self._errors(f"removing job {job_id}"):
+            client = await self._ready()
+            if not await client.exists(self._job_key(job_id)):
+                return False
+            result = int(await self._scripts.remove(job_id, False))
+        if result == 0:
+            raise BackendError(
+                f"job {job_id} is active (held by a worker); remove it once it finishes"
+            )
+        if result < 0:
+            raise BackendError(f"BullMQ refused to remove job {job_id} (code {result})")
+        return True
+
+    async def pause(self) -> None:
+        with self._errors("pausing the queue"):
+            await self._ready()
+            await self._scripts.pause(True)
+
+    async def resume(self) -> None:
+        with self._errors("resuming the queue"):
+            await self._ready()
+            await self._scripts.pause(False)
+        if self._source is not None:
+            self._source.wake()
+
+    async def is_paused(self) -> bool:
+        with self._errors("reading the queue's state"):
+            client = await self._ready()
+            return bool(await client.hexists(self.keys["meta"], "paused"))
+
+    async def purge(self) -> int:
+        k = self.keys
+        # cleanJobsInSet compares timestamps as 13-digit strings: a cut-off one day ahead stays
+        # comparable and also catches jobs stamped by a producer whose clock runs ahead.
+        cutoff = _now_ms() + 86_400_000
+        sets = ("wait", "paused", "prioritized", "delayed", "completed", "failed")
+        with self._errors("purging the queue"):
+            client = await self._ready()
+            async with client.pipeline(transaction=True) as pipe:
+                for name in sets:
+                    await self._commands["cleanJobsInSet"](
+                        keys=[k[name], k["events"], k["repeat"]],
+                        args=[k[""], cutoff, 0, name],
+                        client=pipe,
+                    )
+                removed = await pipe.execute()
+        return sum(len(ids) for ids in removed)
+
+    async def close(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            await source.aclose()
+        client, self._client = self._client, None
+        self._prepared.clear()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_S)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _info(
+        self,
+        job_id: str,
+        raw: Mapping[str, str],
+        state_name: str,
+        logs: Sequence[str],
+        delayed_score: float | None,
+    ) -> JobInfo:
+        opts = _json_object(raw.get("opts"))
+        state = _STATES.get(state_name)
+        if state is None:  # 'unknown': the hash exists outside every set (mid-cleanup)
+            state = (
+                JobState.FAILED
+                if raw.get("failedReason") and raw.get("finishedOn")
+                else JobState.COMPLETED
+                if raw.get("finishedOn")
+                else JobState.WAITING
+            )
+        run_at = None
+        if state is JobState.DELAYED and delayed_score is not None:
+            run_at = _datetime(int(delayed_score) // _DELAY_SCORE_FACTOR)
+        stack = _json_list(raw.get("stacktrace"))
+        return JobInfo(
+            id=job_id,
+            name=raw.get("name", ""),
+            data=_lenient_json(raw.get("data")),
+            queue=self.queue_name,
+            state=state,
+            attempts_made=_int(raw.get("atm")),
+            max_attempts=_max_attempts(opts),
+            priority=_int(raw.get("priority")),
+            enqueued_at=_datetime(_int(raw.get("timestamp"))),
+            run_at=run_at,
+            finished_at=_datetime(_int(raw["finishedOn"])) if raw.get("finishedOn") else None,
+            result=_lenient_json(raw.get("returnvalue")),
+            error=raw.get("failedReason") or None,
+            traceback=str(stack[-1]) if stack else None,
+            progress=_lenient_json(raw.get("progress")),
+            logs=list(logs),
+        )
+
+    async def _update_progress(self, job_id: str, value: JSON) -> None:
+        text = encode_payload(value, max_bytes=self.settings.max_payload_bytes, what="progress")
+        k = self.keys
+        with self._errors(f"recording progress of job {job_id}"):
+            await self._run(
+                "updateProgress", [self._job_key(job_id), k["events"], k["meta"]], [job_id, text]
+            )
+
+    async def _add_log(self, job_id: str, text: str, keep_logs: int | None) -> None:
+        key = self._job_key(job_id)
+        with self._errors(f"adding a log line to job {job_id}"):
+            await self._run("addLog", [key, key + ":logs"], [job_id, text, keep_logs or ""])
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """What settle needs from the job as ``moveToActive`` returned it."""
+
+    raw: dict[str, str]
+    opts: dict[str, Any]
+    deferred_failure: str | None = None
+
+    @property
+    def attempts_made(self) -> int:
+        return _int(self.raw.get("atm"))
+
+
+@dataclass(slots=True)
+class _Wait:
+    """The blocking side: one ``BZPOPMIN`` on the marker key, kept across waits so a wake-up
+    or a cancelled wait does not tear down the connection."""
+
+    client: aioredis.Redis
+    pop: asyncio.Task[Any] | None = None
+    named: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Source(PullSource):
+    """The worker side of a BullMQBackend, over the package's Lua scripts."""
+
+    def __init__(self, backend: BullMQBackend, *, burst: bool) -> None:
+        self.backend = backend
+        self.settings = backend.settings
+        self.keys = backend.keys
+        self.lease_s = self.settings.lease_s
+        self.lock_ms = backend.lock_ms
+        self.burst = burst
+        self.worker_name = _worker_client_name(self.settings)
+        self._token_prefix = uuid.uuid4().hex
+        self._tokens = 0
+        self._limit_until_ms = 0  # the rate limiter's window ends then
+        self._block_until_ms = 0  # the next delayed job is due then (0: none known)
+        self._started = False
+        rate = self.settings.rate_limit_max
+        self._limiter = (
+            {"max": rate, "duration": max(1, round(self.settings.rate_limit_duration_s * 1000))}
+            if rate
+            else None
+        )
+        self._wait = _Wait(
+            aioredis.Redis.from_url(
+                self.settings.redis_url,
+                decode_responses=True,
+                single_connection_client=True,
+                socket_connect_timeout=5.0,
+                socket_timeout=_MAX_BLOCK_S + 5.0,
+                # Node's worker name for this queue: Queue.getWorkers() and Bull Board list it.
+                client_name=self.worker_name,
+                retry=RedisRetry(NoBackoff(), 0),
+            )
+        )
+
+    async def _start(self) -> None:
+        """Connect both clients; a failure here is paced and logged by the consumer loop."""
+        if self._started:
+            return
+        await self.backend._ready()
+        await self._wait.client.ping()  # connects, which runs CLIENT SETNAME
+        self._wait.named = True
+        self._started = True
+        logger.info(
+            "consuming queue %r at %s as Redis client %r (BullMQ layout %s, lock %d ms)",
+            self.settings.name,
+            self.settings.redis_url_redacted,
+            self.worker_name,
+            LIB_VERSION,
+            self.lock_ms,
+        )
+
+    def _next_token(self) -> str:
+        self._tokens += 1
+        return f"{self._token_prefix}:{self._tokens}"
+
+    # -- PullSource ------------------------------------------------------------------------
+
+    async def claim(self, max_jobs: int) -> list[Claim]:
+        claims: list[Claim] = []
+        with self.backend._errors("claiming jobs"):
+            await self._start()
+            while len(claims) < min(max_jobs, _CLAIM_BATCH_CAP):
+                if self._limit_until_ms > _now_ms():
+                    if self.burst and not claims:
+                        # Burst mode drains the queue: the limiter only postpones the jobs.
+                        await asyncio.sleep((self._limit_until_ms - _now_ms()) / 1000)
+                        continue
+                    break
+                token = self._next_token()
+                raw, job_id, limit_ms, delay_until = await self.backend._scripts.moveToActive(
+                    token, {"lockDuration": self.lock_ms, "limiter": self._limiter}
+                )
+                if raw is None:
+                    if limit_ms and int(limit_ms) > 0:
+                        self._limit_until_ms = _now_ms() + int(limit_ms)
+                        continue
+                    self._block_until_ms = int(float(delay_until or 0))
+                    break
+                claims.append(self._claim(str(job_id), token, raw))
+        return claims
+
+    def _claim(self, job_id: str, token: str, raw: dict[str, str]) -> Claim:
+        opts = _json_object(raw.get("opts"))
+        delivery = _Delivery(raw, opts)
+        if raw.get("defa"):  # stalled too often: BullMQ fails it when next picked up
+            delivery.deferred_failure = raw["defa"]
+            return Claim(job_id, token, None, unreadable=raw["defa"], extra=delivery)
+        name = raw.get("name")
+        if not name:
+            return Claim(job_id, token, None, unreadable="it has no name", extra=delivery)
+        try:
+            # Node reads a missing data field as {} (Job.fromJSON).
+            data = decode_json(raw.get("data") or "{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Claim(
+                job_id, token, None, unreadable=f"its data is not JSON ({exc})", extra=delivery
+            )
+        try:
+            backoff = Retry.from_bullmq(opts.get("backoff"))
+        except (ValueError, TypeError):
+            backoff = None
+        keep_logs = opts.get("kl", opts.get("keepLogs"))
+        backend = self.backend
+
+        async def progress(value: JSON) -> None:
+            await backend._update_progress(job_id, value)
+
+        async def log(text: str) -> None:
+            await backend._add_log(job_id, text, keep_logs if isinstance(keep_logs, int) else None)
+
+        message = QueueMessage(
+            id=job_id,
+            name=name,
+            data=data,
+            queue=self.settings.name,
+            attempt=delivery.attempts_made + 1,
+            max_attempts=_max_attempts(opts),
+            priority=_int(raw.get("priority")),
+            enqueued_at=_datetime(_int(raw.get("timestamp"))),
+            backoff=backoff,
+            _progress=progress,
+            _log=log,
+        )
+        return Claim(job_id, token, message, extra=delivery)
+
+    async def settle(self, claim: Claim, outcome: Outcome) -> None:
+        delivery: _Delivery = claim.extra
+        now = _now_ms()
+        with self.backend._errors(f"recording the outcome of job {claim.job_id}"):
+            if isinstance(outcome, Completed):
+                code = await self._finish(
+                    claim, delivery, "completed", outcome.result_json, now, fields=None
+                )
+            elif isinstance(outcome, RetryLater):
+                code = await self._retry(claim, delivery, outcome, now)
+            elif isinstance(outcome, Failed):
+                reason = delivery.deferred_failure or outcome.error
+                fields = {
+                    "failedReason": reason,
+                    "stacktrace": _stacktrace(delivery, outcome.traceback),
+                }
+                if self.settings.dead_letter:
+                    code = await self._fail_with_dead_letter(claim, delivery, reason, fields, now)
+                else:
+                    code = await self._finish(claim, delivery, "failed", reason, now, fields)
+            else:
+                assert isinstance(outcome, Released)
+                code = await self.backend._run(
+                    "moveJobFromActiveToWait",
+                    [self.keys[n] for n in _RELEASE_KEYS],
+                    [claim.job_id, claim.token, self.backend._job_key(claim.job_id)],
+                )
+        if isinstance(code, int) and code < 0:
+            why = _FINISH_ERRORS.get(code)
+            if why is None:
+                raise BackendError(f"BullMQ refused to settle job {claim.job_id} (code {code})")
+            raise LeaseLostError(
+                f"could not record {type(outcome).__name__} for job {claim.job_id}: {why}; "
+                "the job was left as it is"
+            )
+        if isinstance(outcome, RetryLater | Released):
+            self.wake()
+
+    async def _finish(
+        self,
+        claim: Claim,
+        delivery: _Delivery,
+        target: str,
+        value: str,
+        now: int,
+        fields: dict[str, str] | None,
+        client: Any = None,
+    ) -> Any:
+        """moveToFinished with the arguments Node's worker passes (no fetch-next)."""
+        keys, args = self._finish_call(claim, delivery, target, value, now, fields)
+        return await self.backend._commands["moveToFinished"](keys=keys, args=args, client=client)
+
+    def _finish_call(
+        self,
+        claim: Claim,
+        delivery: _Delivery,
+        target: str,
+        value: str,
+        now: int,
+        fields: dict[str, str] | None,
+    ) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        opts = delivery.opts
+        job_option = "removeOnComplete" if target == "completed" else "removeOnFail"
+        default_keep = (
+            self.settings.keep_completed if target == "completed" else self.settings.keep_failed
+        )
+        keys = [k[n] for n in _FINISH_KEYS] + [
+            k[target],
+            self.backend._job_key(claim.job_id),
+            k[""] + "metrics:" + target,
+            k["marker"],
+        ]
+        packed_opts = msgpack.packb(
+            {
+                "token": claim.token,
+                "keepJobs": _keep_jobs(opts.get(job_option), default_keep),
+                "limiter": self._limiter,
+                "lockDuration": self.lock_ms,
+                "attempts": _int(opts.get("attempts")),
+                "maxMetricsSize": "",
+                "fpof": bool(opts.get("fpof")),
+                "cpof": bool(opts.get("cpof")),
+                "idof": bool(opts.get("idof")),
+                "rdof": bool(opts.get("rdof")),
+            },
+            use_bin_type=True,
+        )
+        prop = "returnvalue" if target == "completed" else "failedReason"
+        args: list[Any] = [claim.job_id, now, prop, value, target, "0", k[""], packed_opts]
+        if fields:
+            args.append(msgpack.packb(object_to_flat_array(fields), use_bin_type=True))
+        return keys, args
+
+    async def _retry(self, claim: Claim, delivery: _Delivery, outcome: RetryLater, now: int) -> Any:
+        """As Node's Job.moveToFailed when attempts remain: record the error, count the attempt,
+        then delay the job by exactly ``delay_ms`` (moveToDelayed) or requeue it (retryJob)."""
+        fields = {
+            "failedReason": outcome.error,
+            "stacktrace": _stacktrace(delivery, outcome.traceback),
+        }
+        scripts = self.backend._scripts
+        if outcome.delay_ms > 0:
+            keys, args = scripts.moveToDelayedArgs(
+                claim.job_id, now, claim.token, outcome.delay_ms, {"fieldsToUpdate": fields}
+            )
+            return await self.backend._run("moveToDelayed", keys, args)
+        keys, args = scripts.retryJobArgs(
+            claim.job_id, bool(delivery.opts.get("lifo")), claim.token, {"fieldsToUpdate": fields}
+        )
+        return await self.backend._run("retryJob", keys, args)
+
+    async def _fail_with_dead_letter(
+        self,
+        claim: Claim,
+        delivery: _Delivery,
+        reason: str,
+        fields: dict[str, str],
+        now: int,
+    ) -> Any:
+        """Fail the job and copy it to the dead-letter queue in one MULTI, guarded by WATCH on
+        the job's lock: a worker that lost the lock writes neither."""
+        backend = self.backend
+        target = self.settings.dead_letter
+        assert target is not None
+        copy = NewJob(
+            name=delivery.raw.get("name", ""),
+            data_json=delivery.raw.get("data") or "{}",
+            job_id=dead_letter_id(self.settings.name, claim.job_id),
+            attempts=_max_attempts(delivery.opts),
+            backoff=_lenient_backoff(delivery.opts.get("backoff")),
+            queue=target,
+        )
+        note = (
+            f"dead-lettered from queue {self.settings.name!r} job {claim.job_id} after "
+            f"{delivery.attempts_made + 1} attempt(s): {reason}"
+        )
+        copy_key = backend._keys(target)[""] + (copy.job_id or "")
+        keys, args = self._finish_call(claim, delivery, "failed", reason, now, fields)
+        lock_key = backend._job_key(claim.job_id) + ":lock"
+        client = await backend._ready(target)
+        pipe: Any
+        async with client.pipeline(transaction=True) as pipe:
+            for _ in range(_WATCH_TRIES):
+                try:
+                    await pipe.watch(lock_key)
+                    if await pipe.get(lock_key) != claim.token:
+                        await pipe.reset()
+                        return -2
+                    pipe.multi()
+                    await backend._commands["moveToFinished"](keys=keys, args=args, client=pipe)
+                    await backend._add(pipe, copy, now)
+                    await backend._commands["addLog"](
+                        keys=[copy_key, copy_key + ":logs"],
+                        args=[copy.job_id, note, ""],
+                        client=pipe,
+                    )
+                    code, _, _ = await pipe.execute()
+                    return code
+                except redis_errors.WatchError:
+                    continue  # our own heartbeat renewed the lock meanwhile; try again
+        raise BackendError(
+            f"could not fail job {claim.job_id}: its lock kept changing during {_WATCH_TRIES} tries"
+        )
+
+    async def extend(self, claims: Sequence[Claim]) -> list[Claim]:
+        if not claims:
+            return []
+        with self.backend._errors("renewing locks"):
+            failed = await self.backend._scripts.extendJobLocks(
+                [c.job_id for c in claims], [c.token for c in claims], self.lock_ms
+            )
+        lost = set(failed or ())
+        return [c for c in claims if c.job_id in lost]
+
+    async def maintain(self) -> None:
+        with self.backend._errors("checking for stalled jobs"):
+            if not self._started:
+                return
+            stalled = await self.backend._scripts.moveStalledJobsToWait(
+                self.settings.max_stalls, self.lock_ms
+            )
+            if stalled:
+                logger.warning(
+                    "queue %r: %d job(s) stalled (their worker stopped renewing the lock): %s; "
+                    "moved back to waiting, or failed after %d stall(s)",
+                    self.settings.name,
+                    len(stalled),
+                    ", ".join(stalled[:20]),
+                    self.settings.max_stalls,
+                )
+            if self._wait.pop is None:
+                # Keeps the named connection up, so getWorkers() lists a busy worker too.
+                await self._wait.client.ping()
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        wait = self._wait
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        if wait.wake.is_set():
+            wait.wake.clear()
+            return
+        limited_s = (self._limit_until_ms - _now_ms()) / 1000
+        if limited_s > 0:
+            # New jobs cannot start before the limiter's window ends: markers are no use now.
+            await asyncio.sleep(min(limited_s, max(0.0, timeout_s)))
+            return
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._block_until_ms:
+                due_s = (self._block_until_ms - _now_ms()) / 1000
+                if due_s <= 0:
+                    return
+                remaining = min(remaining, due_s)
+            if remaining <= 0:
+                return
+            if wait.pop is None:
+                block_s = min(max(remaining, _MIN_BLOCK_S), _MAX_BLOCK_S)
+                wait.pop = asyncio.ensure_future(wait.client.bzpopmin(self.keys["marker"], block_s))
+            pop = wait.pop
+            woken = asyncio.ensure_future(wait.wake.wait())
+            try:
+                await asyncio.wait({pop, woken}, timeout=remaining, return_when="FIRST_COMPLETED")
+            finally:
+                woken.cancel()
+            if wait.wake.is_set():
+                wait.wake.clear()
+                return
+            if not pop.done():
+                return
+            wait.pop = None
+            with self.backend._errors("waiting for jobs"):
+                marker = pop.result()
+            if marker:
+                # A member "0" (score 0) says a job is ready; "1" carries the timestamp of the
+                # next delayed job, which no later marker will announce: remember it.
+                _key, _member, score = marker
+                due_ms = int(float(score))
+                if due_ms <= _now_ms():
+                    return
+                self._block_until_ms = (
+                    min(self._block_until_ms, due_ms) if self._block_until_ms else due_ms
+                )
+
+    def wake(self) -> None:
+        self._wait.wake.set()
+
+    async def aclose(self) -> None:
+        """Stop the blocking pop and close the named connection (the worker leaves
+        getWorkers())."""
+        pop, self._wait.pop = self._wait.pop, None
+        if pop is not None:
+            pop.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(pop, _CLOSE_TIMEOUT_S)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._wait.client.aclose(), _CLOSE_TIMEOUT_S)
+
+
+_FINISH_KEYS = (
+    "wait",
+    "active",
+    "prioritized",
+    "events",
+    "stalled",
+    "limiter",
+    "delayed",
+    "paused",
+    "meta",
+    "pc",
+)
+_RELEASE_KEYS = (
+    "active",
+    "wait",
+    "stalled",
+    "paused",
+    "meta",
+    "limiter",
+    "prioritized",
+    "marker",
+    "events",
+)
+
+
+def dead_letter_id(queue: str, job_id: str) -> str:
+    """The id of a dead-lettered copy (as on SQLite): fixed, so a repeated failure adds it once."""
+    return f"{queue}.{job_id}"
+
+
+def _worker_client_name(settings: QueueSettings) -> str:
+    """``<prefix>:<base64(queue)>:w:<name>``: how Node names a worker's blocking connection."""
+    queue_b64 = base64.b64encode(settings.name.encode("utf-8")).decode("ascii")
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+    return f"{settings.prefix}:{queue_b64}:w:corral-{host}-{os.getpid()}"
+
+
+def _keep_jobs(option: Any, default: int | None) -> dict[str, Any]:
+    """BullMQ's ``keepJobs`` from a job's removeOn* option, else the worker's default
+    (Node's ``getKeepJobs``): ``true`` keeps none, a number keeps the last N, absent keeps all."""
+    if option is None:
+        return {"count": -1 if default is None else default}
+    if isinstance(option, bool):
+        return {"count": 0 if option else -1}
+    if isinstance(option, int | float):
+        return {"count": int(option)}
+    if isinstance(option, dict):
+        return option
+    return {"count": -1}
+
+
+def _stacktrace(delivery: _Delivery, trace: str) -> str:
+    """The job's stack traces with this attempt's appended, as Node's ``updateStacktrace``."""
+    stack = _json_list(delivery.raw.get("stacktrace"))
+    if trace:
+        stack.append(trace)
+    limit = delivery.opts.get("stackTraceLimit")
+    if limit == 0:
+        stack = []
+    elif isinstance(limit, int) and limit > 0:
+        stack = stack[-limit:]
+    return json.dumps(stack, ensure_ascii=False, separators=(",", ":"))
+
+
+def _max_attempts(opts: Mapping[str, Any]) -> int:
+    # Node stores attempts: 0 when none was given, which means a single attempt.
+    return max(1, _int(opts.get("attempts")))
+
+
+def _lenient_backoff(value: Any) -> Retry | None:
+    try:
+        return Retry.from_bullmq(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return 0
+
+
+def _strs(values: Any) -> list[str]:
+    return [str(value) for value in values]
+
+
+def _now_ms() -> int:
+    return round(time.time() * 1000)
+
+
+def _datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _lenient_json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return decode_json(text)
+    except (ValueError, UnicodeDecodeError):
+        return text
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    value = _lenient_json(text)
+    return value if isinstance(value, dict) else {}
+
+
+def _json_list(text: str | None) -> list[Any]:
+    value = _lenient_json(text)
+    return value if isinstance(value, list) else []
+
+
+__all__ = ["LIB_VERSION", "BullMQBackend", "dead_letter_id"]
