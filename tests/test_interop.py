@@ -1,0 +1,385 @@
+"""corral and Node.js BullMQ (pinned in tests/node/package.json) on the same queues.
+
+Each test drives a small Node script (tests/node/*.mjs) with JSON on argv and reads JSON from its
+stdout, against the machine's Redis: Node producer -> corral worker, corral producer -> Node
+worker, and Node's view (counts, getWorkers, state, progress, results) of a running corral worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from corral import JobState, QueueMessage, QueueService, Retry
+from corral.backends.bullmq import LIB_VERSION
+
+from conftest import SettingsFactory, missing
+
+pytestmark = pytest.mark.node
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_BULLMQ_VERSION = "6.7.0"
+
+
+@pytest.fixture
+def backend_kind() -> str:
+    """These tests are about the BullMQ backend only."""
+    return "bullmq"
+
+
+@pytest.fixture(scope="session")
+def node_bullmq() -> Path:
+    """tests/node with its pinned packages installed (``npm ci`` from the committed lock)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        missing("Node.js and npm are needed for the BullMQ interop tests")
+    installed = NODE_DIR / "node_modules" / "bullmq" / "package.json"
+    if not installed.exists():
+        result = subprocess.run(
+            [str(npm), "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if result.returncode != 0:
+            missing(f"npm ci failed in {NODE_DIR}: {result.stderr.strip()[-500:]}")
+    version = json.loads(installed.read_text())["version"]
+    assert version == NODE_BULLMQ_VERSION, f"tests/node has bullmq {version}; run npm ci there"
+    return NODE_DIR
+
+
+async def run_node(script: str, args: dict[str, Any], *, timeout_s: float = 30.0) -> Any:
+    """Run ``tests/node/<script>`` without blocking the event loop; return its JSON output."""
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        script,
+        json.dumps(args),
+        cwd=NODE_DIR,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(f"node {script} did not finish within {timeout_s}s") from None
+    if process.returncode != 0:
+        raise AssertionError(f"node {script} exited {process.returncode}: {stderr.decode()}")
+    # split("\n"), not splitlines(): U+2028 in a payload is a line break to splitlines().
+    return json.loads(stdout.decode().strip().split("\n")[-1])
+
+
+def node_args(settings: Any, **extra: Any) -> dict[str, Any]:
+    return {"url": settings.redis_url, "queue": settings.name, "prefix": settings.prefix, **extra}
+
+
+async def run_corral_worker_until(
+    service: QueueService,
+    done: Callable[[], Awaitable[bool]],
+    *,
+    concurrency: int = 1,
+    timeout_s: float = 20.0,
+) -> None:
+    worker = asyncio.create_task(service.start_worker(concurrency=concurrency))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not await done():
+            if worker.done():
+                worker.result()
+                raise AssertionError("worker stopped early")
+            assert time.monotonic() < deadline, await service.counts()
+            await asyncio.sleep(0.02)
+    finally:
+        service.stop()
+        await asyncio.wait_for(worker, 15)
+
+
+def settled(service: QueueService, total: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        counts = await service.counts()
+        return counts[JobState.COMPLETED] + counts[JobState.FAILED] >= total
+
+    return check
+
+
+PAYLOAD = {"text": "héllo ✓ \u2028", "n": [1, 2.5, -3], "deep": {"a": None, "b": [True, {}]}}
+
+
+async def test_node_producer_to_corral_worker(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    jobs = [
+        {"name": "echo", "data": PAYLOAD},
+        {"name": "flaky", "data": {"k": 1}, "opts": {"attempts": 3, "backoff": 200}},
+        {
+            "name": "jittery",
+            "data": 2,
+            "opts": {
+                "attempts": 2,
+                "backoff": {"type": "exponential", "delay": 300, "jitter": 0.5},
+            },
+        },
+        {"name": "later", "data": "x", "opts": {"delay": 400}},
+        {"name": "prio", "data": 3, "opts": {"priority": 3}},
+        {"name": "prio", "data": 1, "opts": {"priority": 1}},
+    ]
+    produced = await run_node("producer.mjs", node_args(settings, jobs=jobs))
+    names = ["echo", "flaky", "jittery", "later", "prio3", "prio1"]
+    ids = dict(zip(names, produced["ids"], strict=True))
+
+    seen: list[tuple[QueueMessage, float]] = []
+    async with QueueService(settings) as service:
+
+        async def record(message: QueueMessage) -> Any:
+            seen.append((message, time.time()))
+            if message.name == "flaky" and message.attempt < 3:
+                raise RuntimeError(f"attempt {message.attempt}")
+            if message.name == "jittery":
+                raise RuntimeError("always")
+            return {"got": message.data}
+
+        for name in ("echo", "flaky", "jittery", "later", "prio"):
+            service.handler(name)(record)
+        await run_corral_worker_until(service, settled(service, 6))
+
+        by_name: dict[str, list[tuple[QueueMessage, float]]] = {}
+        for message, at in seen:
+            by_name.setdefault(message.name, []).append((message, at))
+        echo, _ = by_name["echo"][0]
+        assert (echo.id, echo.data, echo.attempt, echo.max_attempts) == (ids["echo"], PAYLOAD, 1, 1)
+
+        flaky = by_name["flaky"]
+        assert [m.attempt for m, _ in flaky] == [1, 2, 3]
+        assert flaky[0][0].max_attempts == 3 and flaky[0][0].backoff == Retry("fixed", 200)
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(flaky)]
+        assert all(0.2 <= gap < 0.2 + 0.3 for gap in gaps), gaps
+
+        jittery = by_name["jittery"]
+        assert jittery[0][0].backoff == Retry("exponential", 300, 0.5)
+        gap = jittery[1][1] - jittery[0][1]
+        assert 0.15 <= gap < 0.3 + 0.25, gap  # jitter 0.5 of 300 ms: [150, 300) ms
+
+        later, later_at = by_name["later"][0]
+        assert later_at >= later.enqueued_at.timestamp() + 0.4
+
+        # Priority 0 first (FIFO), then priority 1 before 3; "later" was delayed meanwhile.
+        order = [(m.name, m.data) for m, _ in seen if m.attempt == 1 and m.name != "later"]
+        expected = [("echo", PAYLOAD), ("flaky", {"k": 1}), ("jittery", 2), ("prio", 1)]
+        assert order == [*expected, ("prio", 3)]
+
+        flaky_job = await service.get_job(ids["flaky"])
+        assert flaky_job is not None
+        assert (flaky_job.state, flaky_job.attempts_made, flaky_job.result) == (
+            JobState.COMPLETED,
+            3,
+            {"got": {"k": 1}},
+        )
+        jittery_job = await service.get_job(ids["jittery"])
+        assert jittery_job is not None and jittery_job.state == JobState.FAILED
+
+    # Node reads back what corral recorded.
+    view = await run_node("inspect.mjs", node_args(settings, jobIds=list(ids.values())))
+    assert view["jobs"][ids["flaky"]]["returnvalue"] == {"got": {"k": 1}}
+    assert view["jobs"][ids["flaky"]]["attemptsMade"] == 3
+    jittery_view = view["jobs"][ids["jittery"]]
+    assert (jittery_view["state"], jittery_view["failedReason"]) == (
+        "failed",
+        "RuntimeError: always",
+    )
+    assert len(jittery_view["stacktrace"]) == 2 and "RuntimeError" in jittery_view["stacktrace"][-1]
+    assert view["counts"]["completed"] == 5 and view["counts"]["failed"] == 1
+
+
+async def test_corral_producer_to_node_worker(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        enqueued_at = time.time()
+        echo = await service.enqueue("echo", PAYLOAD)
+        flaky = await service.enqueue("flaky", {"k": 1}, attempts=3, backoff=Retry.fixed(0.2))
+        boom = await service.enqueue(
+            "boom", [1], attempts=2, backoff=Retry.exponential(0.1, jitter=0.5)
+        )
+        later = await service.enqueue("later", "x", delay_s=0.4)
+        p3 = await service.enqueue("prio", 3, priority=3)
+        p1 = await service.enqueue("prio", 1, priority=1)
+
+        out = await run_node(
+            "worker.mjs",
+            node_args(
+                settings,
+                expect=6,
+                timeoutMs=15000,
+                behaviours={"flaky": {"failUntilAttempt": 3}, "boom": {"fail": "boom from node"}},
+            ),
+        )
+        assert not out["timedOut"], out
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for run in out["runs"]:
+            runs.setdefault(run["id"], []).append(run)
+
+        # Node sees the name and data exactly as corral enqueued them, and BullMQ's options.
+        assert (runs[echo][0]["name"], runs[echo][0]["data"]) == ("echo", PAYLOAD)
+        assert runs[flaky][0]["opts"]["attempts"] == 3
+        assert runs[flaky][0]["opts"]["backoff"] == {"type": "fixed", "delay": 200}
+        assert runs[boom][0]["opts"]["backoff"] == {
+            "type": "exponential",
+            "delay": 100,
+            "jitter": 0.5,
+        }
+        assert runs[p3][0]["priority"] == 3
+
+        # ... and honours them.
+        flaky_starts = [r["startedAt"] for r in runs[flaky]]
+        assert [r["attempt"] for r in runs[flaky]] == [1, 2, 3]
+        assert all(200 <= b - a < 200 + 300 for a, b in itertools.pairwise(flaky_starts))
+        boom_gap = runs[boom][1]["startedAt"] - runs[boom][0]["startedAt"]
+        assert 50 <= boom_gap < 100 + 250, boom_gap
+        assert runs[later][0]["startedAt"] >= enqueued_at * 1000 + 400
+        first_runs = sorted(out["runs"], key=lambda r: r["startedAt"])
+        order = [r["id"] for r in first_runs if r["attempt"] == 1 and r["id"] != later]
+        assert order == [echo, flaky, boom, p1, p3]
+
+        # What Node recorded, read back through corral.
+        echo_job = await service.get_job(echo)
+        assert echo_job is not None
+        assert (echo_job.state, echo_job.result, echo_job.attempts_made) == (
+            JobState.COMPLETED,
+            {"echo": PAYLOAD, "attempt": 1},
+            1,
+        )
+        flaky_job = await service.get_job(flaky)
+        assert flaky_job is not None
+        assert (flaky_job.state, flaky_job.attempts_made) == (JobState.COMPLETED, 3)
+        boom_job = await service.get_job(boom)
+        assert boom_job is not None
+        assert (boom_job.state, boom_job.error, boom_job.attempts_made) == (
+            JobState.FAILED,
+            "boom from node",
+            2,
+        )
+        assert boom_job.traceback is not None and "Error: boom from node" in boom_job.traceback
+        counts = await service.counts()
+        assert (counts[JobState.COMPLETED], counts[JobState.FAILED]) == (5, 1)
+
+
+async def test_node_view_of_a_running_corral_worker(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        started, gate = asyncio.Event(), asyncio.Event()
+
+        @service.handler("hold")
+        async def hold(message: QueueMessage) -> dict[str, bool]:
+            await message.progress({"pct": 50})
+            await message.log("halfway")
+            started.set()
+            await gate.wait()
+            return {"ok": True}
+
+        @service.handler("bad")
+        async def bad(message: QueueMessage) -> None:
+            raise ValueError("bad input")
+
+        hold_id = await service.enqueue("hold", {"n": 1})
+        worker = asyncio.create_task(service.start_worker(concurrency=2))
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            view = await run_node("inspect.mjs", node_args(settings, jobIds=[hold_id]))
+            assert view["counts"]["active"] == 1
+            queue_b64 = base64.b64encode(settings.name.encode()).decode()
+            assert view["workers"], "Queue.getWorkers() does not list the corral worker"
+            prefix = f"bull:{queue_b64}:w:corral-"
+            assert [w["name"] for w in view["workers"]] == [settings.name]
+            assert view["workers"][0]["rawname"].startswith(prefix), view["workers"]
+            assert view["version"] == LIB_VERSION
+            held = view["jobs"][hold_id]
+            assert (held["state"], held["progress"], held["logs"]) == (
+                "active",
+                {"pct": 50},
+                ["halfway"],
+            )
+
+            bad_id = await service.enqueue("bad", None, attempts=1)
+            gate.set()
+            deadline = time.monotonic() + 10
+            while not await settled(service, 2)():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            view = await run_node("inspect.mjs", node_args(settings, jobIds=[hold_id, bad_id]))
+        finally:
+            service.stop()
+            await asyncio.wait_for(worker, 15)
+
+        done, failed = view["jobs"][hold_id], view["jobs"][bad_id]
+        assert (done["state"], done["returnvalue"], done["attemptsMade"]) == (
+            "completed",
+            {"ok": True},
+            1,
+        )
+        assert done["finishedOn"] >= done["processedOn"] > 0
+        assert (failed["state"], failed["failedReason"]) == ("failed", "ValueError: bad input")
+        assert "Traceback" in failed["stacktrace"][-1] and "bad input" in failed["stacktrace"][-1]
+        assert (view["counts"]["completed"], view["counts"]["failed"]) == (1, 1)
+
+        after = await run_node("inspect.mjs", node_args(settings))
+        assert after["workers"] == [], "a stopped corral worker still shows in getWorkers()"
+
+
+async def test_corral_writes_the_options_a_node_producer_writes(
+    make_settings: SettingsFactory, node_bullmq: Path, redis_url: str
+) -> None:
+    settings = make_settings(keep_completed=100, keep_failed=None)
+    async with QueueService(settings) as service:
+        await service.enqueue(
+            "same",
+            PAYLOAD,
+            job_id="from-corral",
+            attempts=4,
+            backoff=Retry.exponential(0.25, jitter=0.3),
+            priority=7,
+            delay_s=1.5,
+        )
+    node_opts = {
+        "jobId": "from-node",
+        "attempts": 4,
+        "backoff": {"type": "exponential", "delay": 250, "jitter": 0.3},
+        "priority": 7,
+        "delay": 1500,
+        "removeOnComplete": 100,
+    }
+    await run_node(
+        "producer.mjs",
+        node_args(settings, jobs=[{"name": "same", "data": PAYLOAD, "opts": node_opts}]),
+    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        ours = client.hgetall(f"bull:{settings.name}:from-corral")
+        theirs = client.hgetall(f"bull:{settings.name}:from-node")
+        delayed = dict(client.zrange(f"bull:{settings.name}:delayed", 0, -1, withscores=True))
+    finally:
+        client.close()
+    assert json.loads(ours.pop("opts")) | {"jobId": "x"} == json.loads(theirs.pop("opts")) | {
+        "jobId": "x"
+    }
+    for raw in (ours, theirs):
+        raw.pop("timestamp")
+    assert ours == theirs  # name, data (verbatim JSON), delay, priority
+    assert set(delayed) == {"from-corral", "from-node"}
