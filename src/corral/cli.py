@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
+from corral.chaos import chaos_command
 from corral.errors import ConfigError, CorralError
 from corral.message import JobInfo, JobState
 from corral.service import QueueService
@@ -529,6 +530,9 @@ def check(
     """Health check: exit 0 if the settings are valid and the backend answers."""
     code = health_check(_state(ctx).overrides, tuple(modules or ()), timeout_s=timeout_s)
     raise typer.Exit(code)
+
+
+app.command("chaos")(chaos_command)
 
 
 # -- entry point --------------------------------------------------------------------------------
