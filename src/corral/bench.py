@@ -1,0 +1,1527 @@
+"""``corral bench``: corral on SQLite and on BullMQ, side by side with the queues it is measured
+against (the ``bullmq`` Python package, Node.js BullMQ, Huey's SqliteHuey).
+
+Method, the same for every system:
+
+- Every measurement runs in separate processes ("runners"): a long-lived *producer* process per
+  system and a fresh *worker* process per worker run. This process only orchestrates, so the
+  progress bar and the bookkeeping never share a CPU core's time slice with what is timed.
+  Python systems run ``python -m corral.bench SYSTEM ROLE``; Node.js BullMQ runs
+  ``bench/node/bullmq-bench.mjs ROLE`` with the same roles and the same JSON lines.
+- Every phase gets a fresh queue (a fresh SQLite file, or a fresh queue name on Redis whose keys
+  are deleted afterwards).
+- Enqueue: the producer adds N jobs one by one (awaiting each), then N more in bulk (batches);
+  the rate is N over the producer's wall time.
+- Processed: the queue is filled first (untimed), then a worker process at concurrency C runs
+  no-op jobs; the time is from the first handler call to the N-th, taken in the worker, so
+  process start-up and shutdown are not in it.
+- Idle pickup: a worker (concurrency 1) waits on an empty queue; the producer reads the clock and
+  enqueues one job carrying that time; the handler subtracts it from its own clock
+  (CLOCK_MONOTONIC, shared by every process of the machine). Across processes: producer and
+  worker are two processes. In process: one process runs both. Random pauses between samples let
+  the worker go back to idle; the first sample is a warm-up and is dropped.
+- Worker RSS: the worker process reads its own ``VmRSS`` at start, after a warm-up count of jobs
+  and after the last job of the concurrency-10 run (100,000 jobs in the full run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import ipaddress
+import json
+import os
+import platform
+import queue
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from corral import __version__
+from corral.errors import ConfigError, CorralError
+from corral.settings import QueueSettings, redact_url
+
+SCHEMA = "corral-bench/1"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+JOB_NAME = "noop"
+
+SYSTEMS: dict[str, str] = {
+    "corral-sqlite": "corral, SQLite backend",
+    "corral-bullmq": "corral, BullMQ backend",
+    "bullmq-py": "bullmq (Python) Queue/Worker",
+    "bullmq-node": "BullMQ on Node.js",
+    "huey-sqlite": "Huey SqliteHuey",
+}
+REDIS_SYSTEMS = frozenset({"corral-bullmq", "bullmq-py", "bullmq-node"})
+PYTHON_SYSTEMS = frozenset({"corral-sqlite", "corral-bullmq", "bullmq-py", "huey-sqlite"})
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+NODE_SCRIPT = Path("bench") / "node" / "bullmq-bench.mjs"
+NODE_MODULES_DIR = Path("tests") / "node"
+
+
+class BenchError(CorralError):
+    """A benchmark phase could not run (a runner failed, timed out or answered nonsense)."""
+
+
+class Unsupported(BenchError):
+    """The system has no API for what the phase measures (e.g. Huey has no bulk enqueue)."""
+
+
+# -- plans --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How much each phase does; bounded in count and, per phase, in time."""
+
+    mode: str
+    enqueue_one: int
+    enqueue_bulk: int
+    bulk_batch: int
+    processed: dict[int, int]
+    """Jobs per worker run, by concurrency."""
+    rss_concurrency: int
+    warm_jobs: int
+    idle_samples: int
+    idle_in_process_samples: int
+    idle_gap_ms: tuple[int, int]
+    max_phase_s: float
+
+
+FULL = Plan(
+    mode="full",
+    enqueue_one=20_000,
+    enqueue_bulk=100_000,
+    bulk_batch=1_000,
+    processed={1: 20_000, 10: 100_000, 50: 50_000},
+    rss_concurrency=10,
+    warm_jobs=2_000,
+    idle_samples=200,
+    idle_in_process_samples=100,
+    idle_gap_ms=(50, 200),
+    max_phase_s=150.0,
+)
+
+QUICK = Plan(
+    mode="quick",
+    enqueue_one=300,
+    enqueue_bulk=2_000,
+    bulk_batch=500,
+    processed={1: 300, 10: 1_000, 50: 1_000},
+    rss_concurrency=10,
+    warm_jobs=100,
+    idle_samples=8,
+    idle_in_process_samples=8,
+    idle_gap_ms=(10, 40),
+    max_phase_s=20.0,
+)
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Pickup:
+    """Idle pickup latencies of one way of measuring, in milliseconds."""
+
+    samples: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass(slots=True)
+class Memory:
+    """Worker process RSS (kB) at start, after the warm-up jobs and after the last job."""
+
+    jobs: int
+    start_kb: int
+    warm_kb: int
+    end_kb: int
+    peak_kb: int
+
+
+@dataclass(slots=True)
+class SystemResult:
+    """Everything measured for one system; ``None`` where a phase did not run or failed."""
+
+    system: str
+    label: str
+    available: bool
+    reason: str | None = None
+    version: str | None = None
+    enqueue_one_per_s: float | None = None
+    enqueue_bulk_per_s: float | None = None
+    processed_per_s: dict[str, float] = field(default_factory=dict)
+    """By concurrency, as a string key ("1", "10", "50") so the JSON reads the same."""
+    pickup: dict[str, Pickup] = field(default_factory=dict)
+    """``cross_process`` and ``in_process``."""
+    rss: Memory | None = None
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Check:
+    """A target or a reference ratio computed from one run's figures."""
+
+    check: str
+    measured: str
+    target: str
+    met: bool | None
+    values: dict[str, float] = field(default_factory=dict)
+
+
+# -- the runner: one system's producer or worker in this process ------------------------------
+
+Data = dict[str, Any]
+OnJob = Callable[[Data], None]
+
+
+def now_us() -> int:
+    """CLOCK_MONOTONIC in microseconds: the clock every process (and Node's hrtime) shares."""
+    return time.monotonic_ns() // 1000
+
+
+def memory_kb() -> tuple[int, int]:
+    """This process's (VmRSS, VmHWM) in kB; (0, 0) where /proc is not there."""
+    rss = hwm = 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm
+
+
+class Client(ABC):
+    """One system's producer and worker, driven by the runner roles."""
+
+    def __init__(self, queue_name: str, path: str | None, redis_url: str) -> None:
+        self.queue_name = queue_name
+        self.path = path
+        self.redis_url = redis_url
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect (so that connecting is not timed with the first job)."""
+
+    @abstractmethod
+    async def enqueue_one(self, data: Data) -> None:
+        """Add one no-op job."""
+
+    async def enqueue_bulk(self, items: list[Data]) -> None:
+        """Add several no-op jobs with the system's bulk API."""
+        raise Unsupported("no bulk enqueue API")
+
+    async def prefill(self, items: list[Data]) -> None:
+        """Fill the queue before a worker run (untimed); the bulk API where there is one."""
+        await self.enqueue_bulk(items)
+
+    @abstractmethod
+    async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
+        """Run a worker that calls ``on_job(data)`` for each job until ``stop`` is set."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+
+class CorralClient(Client):
+    """corral's QueueService, on the SQLite or the BullMQ backend."""
+
+    def __init__(self, queue_name: str, path: str | None, redis_url: str, backend: str) -> None:
+        super().__init__(queue_name, path, redis_url)
+        from corral.service import QueueService
+        from corral.settings import QueueSettings
+
+        settings = QueueSettings(
+            backend=backend,
+            name=queue_name,
+            sqlite_path=path or "corral-bench.db",
+            redis_url=redis_url,
+        )
+        self.service = QueueService(settings)
+
+    async def open(self) -> None:
+        await self.service.counts()
+
+    async def enqueue_one(self, data: Data) -> None:
+        await self.service.enqueue(JOB_NAME, data)
+
+    async def enqueue_bulk(self, items: list[Data]) -> None:
+        await self.service.enqueue_many({"name": JOB_NAME, "data": data} for data in items)
+
+    async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
+        from corral.message import QueueMessage
+
+        service = self.service
+
+        @service.handler(JOB_NAME)
+        async def noop(message: QueueMessage) -> None:
+            on_job(message.data)
+
+        async def stopper() -> None:
+            await stop.wait()
+            service.stop()
+
+        watch = asyncio.create_task(stopper())
+        try:
+            await service.start_worker(concurrency=concurrency)
+        finally:
+            watch.cancel()
+
+    async def close(self) -> None:
+        await self.service.close()
+
+
+class BullmqPyClient(Client):
+    """The ``bullmq`` Python package's own Queue and Worker."""
+
+    def __init__(self, queue_name: str, path: str | None, redis_url: str) -> None:
+        super().__init__(queue_name, path, redis_url)
+        self.bullmq: Any = importlib.import_module("bullmq")
+        self.queue: Any = None
+
+    async def open(self) -> None:
+        self.queue = self.bullmq.Queue(self.queue_name, {"connection": self.redis_url})
+        await self.queue.getJobCounts("waiting")
+
+    async def enqueue_one(self, data: Data) -> None:
+        await self.queue.add(JOB_NAME, data)
+
+    async def enqueue_bulk(self, items: list[Data]) -> None:
+        await self.queue.addBulk([{"name": JOB_NAME, "data": data} for data in items])
+
+    async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
+        async def noop(job: Any, token: str) -> None:
+            on_job(job.data)
+
+        worker = self.bullmq.Worker(
+            self.queue_name, noop, {"connection": self.redis_url, "concurrency": concurrency}
+        )
+        await stop.wait()
+        await worker.close()
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            await self.queue.close()
+
+
+class HueyClient(Client):
+    """Huey's SqliteHuey with a thread-pool consumer (Huey has no asyncio API)."""
+
+    def __init__(self, queue_name: str, path: str | None, redis_url: str) -> None:
+        super().__init__(queue_name, path, redis_url)
+        huey: Any = importlib.import_module("huey")
+        self.huey: Any = huey.SqliteHuey(name=queue_name, filename=path or "huey-bench.db")
+        self._on_job: OnJob | None = None
+
+        def noop(data: Data) -> None:
+            if self._on_job is not None:
+                self._on_job(data)
+
+        self.task: Any = self.huey.task(name=JOB_NAME)(noop)
+
+    async def open(self) -> None:
+        self.huey.storage.queue_size()
+
+    async def enqueue_one(self, data: Data) -> None:
+        self.task(data)
+
+    async def prefill(self, items: list[Data]) -> None:
+        # No bulk API: write Huey's own messages in one transaction (this is untimed setup).
+        storage = self.huey.storage
+        rows = [
+            (storage.name, memoryview(self.huey.serialize_task(self.task.s(data))), 0)
+            for data in items
+        ]
+        with storage.db(commit=True) as cursor:
+            cursor.executemany("INSERT INTO task (queue, data, priority) VALUES (?, ?, ?)", rows)
+
+    async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
+        self._on_job = on_job
+        consumer = self.huey.create_consumer(
+            workers=concurrency, worker_type="thread", periodic=False, check_worker_health=False
+        )
+        consumer.start()
+        await stop.wait()
+        await asyncio.to_thread(consumer.stop, graceful=True)
+
+    async def close(self) -> None:
+        self.huey.storage.close()
+
+
+def make_client(system: str, queue_name: str, path: str | None, redis_url: str) -> Client:
+    """The client of a Python ``system``."""
+    if system == "corral-sqlite":
+        return CorralClient(queue_name, path, redis_url, "sqlite")
+    if system == "corral-bullmq":
+        return CorralClient(queue_name, path, redis_url, "bullmq")
+    if system == "bullmq-py":
+        return BullmqPyClient(queue_name, path, redis_url)
+    if system == "huey-sqlite":
+        return HueyClient(queue_name, path, redis_url)
+    raise ConfigError(f"no Python runner for {system!r}")
+
+
+class Meter:
+    """Counts handler calls (from any thread) and takes the clock and the RSS at set points."""
+
+    def __init__(self, count: int, warm: int) -> None:
+        self.count = count
+        self.warm = max(1, min(warm, count))
+        self.jobs = 0
+        self.first_us = 0
+        self.last_us = 0
+        self.warm_kb = 0
+        self.end_kb = 0
+        self.peak_kb = 0
+        self._lock = threading.Lock()
+
+    def tick(self) -> bool:
+        """Record one handler call; ``True`` on the ``count``-th."""
+        t = now_us()
+        with self._lock:
+            self.jobs += 1
+            n = self.jobs
+        if n == 1:
+            self.first_us = t
+        if n == self.warm:
+            self.warm_kb = memory_kb()[0]
+        if n == self.count:
+            self.last_us = t
+            self.end_kb, self.peak_kb = memory_kb()
+            return True
+        return False
+
+
+def _emit(value: Any) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+async def _read_line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+def _items(start: int, count: int) -> list[Data]:
+    return [{"i": i} for i in range(start, start + count)]
+
+
+async def role_producer(system: str, redis_url: str) -> None:
+    """Answer JSON commands on stdin: ``enqueue`` (timed), ``probe`` (an idle-pickup job)."""
+    clients: dict[str, Client] = {}
+
+    async def client_for(command: Data) -> Client:
+        key = str(command["queue"])
+        if key not in clients:
+            client = make_client(system, key, command.get("path"), redis_url)
+            await client.open()
+            clients[key] = client
+        return clients[key]
+
+    try:
+        while line := await _read_line():
+            if not line.strip():
+                continue
+            try:
+                command = json.loads(line)
+                op = command.get("op")
+                if op == "enqueue":
+                    client = await client_for(command)
+                    count, batch = int(command["count"]), int(command.get("batch") or 0)
+                    started = time.perf_counter()
+                    if command.get("prefill"):
+                        for start in range(0, count, max(batch, 1)):
+                            await client.prefill(_items(start, min(batch, count - start)))
+                    elif batch > 0:
+                        for start in range(0, count, batch):
+                            await client.enqueue_bulk(_items(start, min(batch, count - start)))
+                    else:
+                        for i in range(count):
+                            await client.enqueue_one({"i": i})
+                    elapsed_s = time.perf_counter() - started
+                    answer: Data = {"ok": True, "count": count, "elapsed_s": elapsed_s}
+                elif op == "probe":
+                    client = await client_for(command)
+                    await client.enqueue_one({"t0_us": now_us()})
+                    answer = {"ok": True}
+                elif op == "close":
+                    closing = clients.pop(str(command["queue"]), None)
+                    if closing is not None:
+                        await closing.close()
+                    answer = {"ok": True}
+                else:
+                    answer = {"ok": False, "error": f"unknown op {op!r}"}
+            except Unsupported as exc:
+                answer = {"ok": False, "unsupported": True, "error": str(exc)}
+            except Exception as exc:
+                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            _emit(answer)
+    finally:
+        for client in clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+async def role_work(client: Client, count: int, concurrency: int, max_s: float, warm: int) -> Data:
+    """Drain ``count`` prefilled jobs at ``concurrency``; report the time and the RSS."""
+    await client.open()
+    start_kb = memory_kb()[0]
+    meter = Meter(count, warm)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_job(data: Data) -> None:
+        if meter.tick():
+            loop.call_soon_threadsafe(stop.set)
+
+    worker = asyncio.create_task(client.work(concurrency, on_job, stop))
+    waiting = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({worker, waiting}, timeout=max_s, return_when="FIRST_COMPLETED")
+    timed_out = not done
+    if worker in done:
+        waiting.cancel()
+        worker.result()  # raises what the worker raised
+        raise BenchError(f"the worker stopped after {meter.jobs} of {count} jobs")
+    if timed_out:
+        meter.last_us = now_us()
+        meter.end_kb, meter.peak_kb = memory_kb()
+        waiting.cancel()
+    stop.set()
+    await asyncio.wait_for(worker, 60)
+    await client.close()
+    return {
+        "ok": True,
+        "jobs": meter.jobs,
+        "timed_out": timed_out,
+        "elapsed_s": (meter.last_us - meter.first_us) / 1e6 if meter.jobs > 1 else 0.0,
+        "rss_kb": {
+            "start": start_kb,
+            "warm": meter.warm_kb or meter.end_kb,
+            "end": meter.end_kb,
+        },
+        "hwm_kb": meter.peak_kb,
+    }
+
+
+async def role_idle_worker(client: Client) -> None:
+    """Print ``{"latency_us": ...}`` for each job until stdin closes."""
+    await client.open()
+    lock = threading.Lock()
+    stop = asyncio.Event()
+
+    def on_job(data: Data) -> None:
+        latency = now_us() - int(data["t0_us"])
+        with lock:
+            _emit({"latency_us": latency})
+
+    worker = asyncio.create_task(client.work(1, on_job, stop))
+    await asyncio.sleep(0.1)
+    if worker.done():
+        worker.result()
+    _emit({"ready": True})
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    stop.set()
+    await asyncio.wait_for(worker, 30)
+    await client.close()
+
+
+async def role_idle(client: Client, samples: int, gap_ms: tuple[int, int]) -> Data:
+    """Producer and worker in this process: the idle pickup latency without a process hop."""
+    await client.open()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    pending: list[asyncio.Future[int]] = []
+
+    def deliver(latency: int) -> None:
+        if pending and not pending[0].done():
+            pending[0].set_result(latency)
+
+    def on_job(data: Data) -> None:
+        loop.call_soon_threadsafe(deliver, now_us() - int(data["t0_us"]))
+
+    worker = asyncio.create_task(client.work(1, on_job, stop))
+    await asyncio.sleep(0.2)
+    latencies: list[float] = []
+    for index in range(samples + 1):
+        await asyncio.sleep(random.uniform(*gap_ms) / 1000)
+        if worker.done():
+            worker.result()
+            raise BenchError("the worker stopped")
+        pending[:] = [loop.create_future()]
+        await client.enqueue_one({"t0_us": now_us()})
+        latency_us = await asyncio.wait_for(pending[0], 30)
+        if index > 0:  # the first one warms up
+            latencies.append(latency_us / 1000)
+    stop.set()
+    await asyncio.wait_for(worker, 30)
+    await client.close()
+    return {"ok": True, "latencies_ms": latencies}
+
+
+def runner_main(argv: Sequence[str] | None = None) -> None:
+    """``python -m corral.bench SYSTEM ROLE``: one runner process of ``corral bench``."""
+    parser = argparse.ArgumentParser(prog="python -m corral.bench", description=__doc__)
+    parser.add_argument("system", choices=sorted(PYTHON_SYSTEMS))
+    parser.add_argument("role", choices=("producer", "work", "idle-worker", "idle"))
+    parser.add_argument("--queue", default="bench")
+    parser.add_argument("--path", default=None, help="SQLite file (SQLite systems)")
+    parser.add_argument("--redis", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--max-s", type=float, default=120.0)
+    parser.add_argument("--warm", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--gap-min-ms", type=int, default=50)
+    parser.add_argument("--gap-max-ms", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    async def go() -> None:
+        if args.role == "producer":
+            await role_producer(args.system, args.redis)
+            return
+        client = make_client(args.system, args.queue, args.path, args.redis)
+        if args.role == "work":
+            _emit(await role_work(client, args.count, args.concurrency, args.max_s, args.warm))
+        elif args.role == "idle-worker":
+            await role_idle_worker(client)
+        else:
+            _emit(await role_idle(client, args.samples, (args.gap_min_ms, args.gap_max_ms)))
+
+    asyncio.run(go())
+
+
+# -- the orchestrator ---------------------------------------------------------------------------
+
+
+class _Child:
+    """A runner subprocess; a thread reads its stdout so that every read can time out."""
+
+    def __init__(self, command: Sequence[str], *, cwd: Path, env: dict[str, str], log: Path):
+        self.command = list(command)
+        self.log = log
+        self._log_file: IO[bytes] = open(log, "wb")  # noqa: SIM115  (closed in finish)
+        self.process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            cwd=cwd,
+            env=env,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            self._lines.put(raw.decode("utf-8", "replace"))
+        self._lines.put(None)
+
+    def stderr_tail(self, lines: int = 6) -> str:
+        with contextlib.suppress(OSError):
+            self._log_file.flush()
+            text = self.log.read_text("utf-8", "replace").strip().splitlines()
+            return " | ".join(text[-lines:])
+        return ""
+
+    def send(self, command: Data) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write((json.dumps(command) + "\n").encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise BenchError(f"runner exited early: {self.stderr_tail()}") from exc
+
+    def receive(self, timeout_s: float) -> Data:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise BenchError(f"no answer within {timeout_s:.0f}s") from None
+            if line is None:
+                code = self.process.wait()
+                raise BenchError(f"runner exited with {code}: {self.stderr_tail()}")
+            if line.lstrip().startswith("{"):
+                answer: Data = json.loads(line)
+                return answer
+
+    def call(self, command: Data, timeout_s: float) -> Data:
+        self.send(command)
+        answer = self.receive(timeout_s)
+        if not answer.get("ok"):
+            error = str(answer.get("error", "failed"))
+            raise Unsupported(error) if answer.get("unsupported") else BenchError(error)
+        return answer
+
+    def finish(self, timeout_s: float = 30.0) -> None:
+        """Close stdin (the runner's signal to stop), wait, kill if it does not exit."""
+        with contextlib.suppress(OSError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+        self._log_file.close()
+
+
+@dataclass(slots=True)
+class Environment:
+    """What the orchestrator found: where things are, which versions, which Redis."""
+
+    redis_url: str
+    redis_version: str | None
+    redis_error: str | None
+    node: str | None
+    node_script: Path | None
+    node_modules: Path | None
+    node_bullmq: str | None
+
+
+def _redis_client(url: str) -> Any:
+    redis: Any = importlib.import_module("redis")
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def _redis_version(url: str) -> str:
+    client = _redis_client(url)
+    try:
+        return str(client.info("server")["redis_version"])
+    finally:
+        client.close()
+
+
+def _loopback_6379(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.hostname in ("127.0.0.1", "localhost") and (parts.port or 6379) == 6379
+
+
+def ensure_redis(url: str) -> tuple[str | None, str | None, bool]:
+    """(version, error, started): start a private redis-server on 127.0.0.1:6379 if the default
+    URL does not answer (it is shut down again at the end)."""
+    try:
+        return _redis_version(url), None, False
+    except Exception as exc:
+        first_error = f"Redis at {url} does not answer ({type(exc).__name__})"
+    server = shutil.which("redis-server")
+    if not _loopback_6379(url) or server is None:
+        return None, first_error, False
+    subprocess.run(
+        [server, "--daemonize", "yes", "--port", "6379", "--save", "", "--appendonly", "no"],
+        check=False,
+        capture_output=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            return _redis_version(url), None, True
+        time.sleep(0.1)
+    return None, f"{first_error}; redis-server was started but does not answer", False
+
+
+def find_node(
+    node_script: Path | None, node_modules: Path | None
+) -> tuple[Path | None, Path | None]:
+    """The Node.js runner script and the folder whose node_modules holds ``bullmq``."""
+    if node_script is None:
+        for base in (_REPO_ROOT, Path.cwd()):
+            if (base / NODE_SCRIPT).is_file():
+                node_script = base / NODE_SCRIPT
+                break
+    if node_modules is None and node_script is not None:
+        for candidate in (
+            node_script.parent,
+            node_script.parent.parent.parent / NODE_MODULES_DIR,
+            Path.cwd() / NODE_MODULES_DIR,
+        ):
+            if (candidate / "node_modules" / "bullmq" / "package.json").is_file():
+                node_modules = candidate
+                break
+    return node_script, node_modules
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def availability(system: str, env: Environment) -> tuple[str | None, str | None]:
+    """(version, None) if ``system`` can run here, else (None, why not)."""
+    if system in REDIS_SYSTEMS and env.redis_error:
+        return None, env.redis_error
+    if system == "corral-sqlite":
+        return f"corral {__version__}, SQLite {sqlite3.sqlite_version}", None
+    if system == "corral-bullmq":
+        if importlib.util.find_spec("corral.backends.bullmq") is None:
+            return None, "not installed: this corral has no BullMQ backend module"
+        return f"corral {__version__}, Redis {env.redis_version}", None
+    if system == "bullmq-py":
+        version = _package_version("bullmq")
+        if version is None or importlib.util.find_spec("bullmq") is None:
+            return None, "not installed: pip install bullmq"
+        return f"bullmq {version}, Redis {env.redis_version}", None
+    if system == "bullmq-node":
+        if env.node is None:
+            return None, "not installed: no `node` on PATH"
+        if env.node_script is None:
+            return None, f"not installed: {NODE_SCRIPT} not found (run from a corral checkout)"
+        if env.node_modules is None or env.node_bullmq is None:
+            return None, f"not installed: npm ci in {NODE_MODULES_DIR}"
+        return f"bullmq {env.node_bullmq}, Node {env.node}, Redis {env.redis_version}", None
+    if system == "huey-sqlite":
+        version = _package_version("huey")
+        if version is None or importlib.util.find_spec("huey") is None:
+            return None, "not installed: pip install 'corral[bench]'"
+        return f"huey {version}, SQLite {sqlite3.sqlite_version}", None
+    raise ConfigError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` quantile by linear interpolation (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise BenchError("no samples")
+    position = (len(ordered) - 1) * fraction
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def pickup_of(latencies_ms: Sequence[float]) -> Pickup:
+    """Summarise idle pickup samples."""
+    return Pickup(
+        samples=len(latencies_ms),
+        p50_ms=round(statistics.median(latencies_ms), 3),
+        p99_ms=round(percentile(latencies_ms, 0.99), 3),
+        max_ms=round(max(latencies_ms), 3),
+    )
+
+
+class Bench:
+    """Runs the phases of each system and collects a :class:`SystemResult` per system."""
+
+    def __init__(self, plan: Plan, env: Environment, workdir: Path, progress: Progress) -> None:
+        self.plan = plan
+        self.env = env
+        self.workdir = workdir
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:8]
+        self.children: list[_Child] = []
+        self._redis: Any = None
+        self._child_env = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
+        self._child_env.setdefault("PYTHONUNBUFFERED", "1")
+        src = str(Path(__file__).resolve().parents[1])
+        self._child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (src, os.environ.get("PYTHONPATH", "")) if p
+        )
+
+    # Children -----------------------------------------------------------------------------
+
+    def _command(self, system: str, role: str, options: dict[str, Any]) -> list[str]:
+        if system == "bullmq-node":
+            assert self.env.node_script is not None and self.env.node_modules is not None
+            base = [
+                "node",
+                str(self.env.node_script),
+                role,
+                "--modules",
+                str(self.env.node_modules),
+            ]
+            options = {k: v for k, v in options.items() if k != "path"}
+        else:
+            base = [sys.executable, "-m", "corral.bench", system, role]
+        base += ["--redis", self.env.redis_url]
+        for key, value in options.items():
+            if value is not None:
+                base += [f"--{key.replace('_', '-')}", str(value)]
+        return base
+
+    def spawn(self, system: str, role: str, **options: Any) -> _Child:
+        """Start a runner; every runner started here is ended by :meth:`close`."""
+        log = self.workdir / f"{system}-{role}-{len(self.children)}.log"
+        child = _Child(
+            self._command(system, role, options), cwd=self.workdir, env=self._child_env, log=log
+        )
+        self.children.append(child)
+        return child
+
+    def close(self) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.kill()
+            with contextlib.suppress(Exception):
+                child.finish(5)
+        self.children.clear()
+        if self._redis is not None:
+            self._redis.close()
+
+    # Places -------------------------------------------------------------------------------
+
+    def place(self, system: str, phase: str) -> dict[str, Any]:
+        """A fresh queue (and SQLite file) for one phase of one system."""
+        name = f"corral-bench-{self.run_id}-{system}-{phase}"
+        path = None
+        if system not in REDIS_SYSTEMS:
+            folder = self.workdir / system
+            folder.mkdir(exist_ok=True)
+            path = str(folder / f"{phase}.db")
+        return {"queue": name, "path": path}
+
+    def discard(self, system: str, where: dict[str, Any]) -> None:
+        """Delete what a phase left: the Redis keys of its queue, or its SQLite files."""
+        if system in REDIS_SYSTEMS:
+            if self._redis is None:
+                self._redis = _redis_client(self.env.redis_url)
+            pattern = f"bull:{where['queue']}:*"
+            batch: list[bytes] = []
+            for key in self._redis.scan_iter(match=pattern, count=2000):
+                batch.append(key)
+                if len(batch) >= 2000:
+                    self._redis.unlink(*batch)
+                    batch.clear()
+            if batch:
+                self._redis.unlink(*batch)
+        elif where["path"]:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(where["path"] + suffix)
+
+    # Phases -------------------------------------------------------------------------------
+
+    def run_system(self, system: str, version: str, task: Any) -> SystemResult:
+        result = SystemResult(system, SYSTEMS[system], True, version=version)
+        plan = self.plan
+        phases: list[tuple[str, Callable[[_Child], None]]] = [
+            ("enqueue one by one", lambda p: self._enqueue(system, p, result, bulk=False)),
+            ("enqueue in bulk", lambda p: self._enqueue(system, p, result, bulk=True)),
+        ]
+        for concurrency in plan.processed:
+            phases.append(
+                (
+                    f"processed at concurrency {concurrency}",
+                    functools.partial(
+                        self._processed, system, result=result, concurrency=concurrency
+                    ),
+                )
+            )
+        phases.append(("idle pickup across processes", lambda p: self._pickup(system, p, result)))
+        phases.append(("idle pickup in process", lambda p: self._pickup_in_process(system, result)))
+        producer = self.spawn(system, "producer")
+        try:
+            for title, phase in phases:
+                self.progress.update(task, description=f"{system}: {title}")
+                try:
+                    phase(producer)
+                except Unsupported as exc:
+                    result.notes.append(f"{title}: {exc}")
+                except Exception as exc:
+                    result.errors.append(f"{title}: {exc}")
+                self.progress.advance(task)
+        finally:
+            producer.finish()
+        return result
+
+    def _enqueue_timeout(self, count: int) -> float:
+        return self.plan.max_phase_s + count / 500
+
+    def _enqueue(self, system: str, producer: _Child, result: SystemResult, *, bulk: bool) -> None:
+        plan = self.plan
+        count = plan.enqueue_bulk if bulk else plan.enqueue_one
+        where = self.place(system, "bulk" if bulk else "one")
+        try:
+            answer = producer.call(
+                {"op": "enqueue", **where, "count": count, "batch": plan.bulk_batch if bulk else 0},
+                self._enqueue_timeout(count),
+            )
+        finally:
+            with contextlib.suppress(BenchError):
+                producer.call({"op": "close", **where}, 30)
+            self.discard(system, where)
+        rate = count / float(answer["elapsed_s"])
+        if bulk:
+            result.enqueue_bulk_per_s = round(rate, 1)
+        else:
+            result.enqueue_one_per_s = round(rate, 1)
+
+    def _processed(
+        self, system: str, producer: _Child, result: SystemResult, concurrency: int
+    ) -> None:
+        plan = self.plan
+        count = plan.processed[concurrency]
+        where = self.place(system, f"c{concurrency}")
+        try:
+            producer.call(
+                {
+                    "op": "enqueue",
+                    **where,
+                    "count": count,
+                    "batch": plan.bulk_batch,
+                    "prefill": True,
+                },
+                self._enqueue_timeout(count),
+            )
+            producer.call({"op": "close", **where}, 30)
+            worker = self.spawn(
+                system,
+                "work",
+                **where,
+                count=count,
+                concurrency=concurrency,
+                max_s=plan.max_phase_s,
+                warm=plan.warm_jobs,
+            )
+            try:
+                answer = worker.receive(plan.max_phase_s + 60)
+            finally:
+                worker.finish()
+        finally:
+            self.discard(system, where)
+        if not answer.get("ok"):
+            raise BenchError(str(answer.get("error")))
+        jobs, elapsed_s = int(answer["jobs"]), float(answer["elapsed_s"])
+        if jobs < 2 or elapsed_s <= 0:
+            raise BenchError(f"the worker processed {jobs} job(s)")
+        result.processed_per_s[str(concurrency)] = round((jobs - 1) / elapsed_s, 1)
+        if answer.get("timed_out"):
+            result.notes.append(
+                f"concurrency {concurrency}: stopped after {plan.max_phase_s:.0f}s "
+                f"({jobs} of {count} jobs)"
+            )
+        if concurrency == plan.rss_concurrency:
+            rss = answer["rss_kb"]
+            result.rss = Memory(
+                jobs=jobs,
+                start_kb=int(rss["start"]),
+                warm_kb=int(rss["warm"]),
+                end_kb=int(rss["end"]),
+                peak_kb=int(answer.get("hwm_kb") or rss["end"]),
+            )
+
+    def _gap_s(self) -> float:
+        low, high = self.plan.idle_gap_ms
+        return random.uniform(low, high) / 1000
+
+    def _pickup(self, system: str, producer: _Child, result: SystemResult) -> None:
+        plan = self.plan
+        where = self.place(system, "idle")
+        worker = self.spawn(system, "idle-worker", **where)
+        latencies: list[float] = []
+        try:
+            ready = worker.receive(60)
+            if not ready.get("ready"):
+                raise BenchError(f"unexpected answer from the idle worker: {ready}")
+            time.sleep(0.3)
+            for index in range(plan.idle_samples + 1):
+                time.sleep(self._gap_s())
+                producer.call({"op": "probe", **where}, 30)
+                answer = worker.receive(30)
+                if index > 0:
+                    latencies.append(int(answer["latency_us"]) / 1000)
+        finally:
+            worker.finish()
+            with contextlib.suppress(BenchError):
+                producer.call({"op": "close", **where}, 30)
+            self.discard(system, where)
+        result.pickup["cross_process"] = pickup_of(latencies)
+
+    def _pickup_in_process(self, system: str, result: SystemResult) -> None:
+        plan = self.plan
+        where = self.place(system, "idle-in-process")
+        low, high = plan.idle_gap_ms
+        runner = self.spawn(
+            system,
+            "idle",
+            **where,
+            samples=plan.idle_in_process_samples,
+            gap_min_ms=low,
+            gap_max_ms=high,
+        )
+        try:
+            answer = runner.receive(plan.max_phase_s + 60)
+        finally:
+            runner.finish()
+            self.discard(system, where)
+        if not answer.get("ok"):
+            raise BenchError(str(answer.get("error")))
+        result.pickup["in_process"] = pickup_of([float(v) for v in answer["latencies_ms"]])
+
+
+# -- checks and the report ----------------------------------------------------------------------
+
+
+def _fmt_rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
+
+
+def _fmt_ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _fmt_ratio(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def build_checks(results: dict[str, SystemResult]) -> list[Check]:
+    """The team's targets and the reference ratios, from the figures of this run."""
+    checks: list[Check] = []
+
+    def get(system: str) -> SystemResult | None:
+        found = results.get(system)
+        return found if found is not None and found.available else None
+
+    def at_least(name: str, value: float | None, goal: float, unit: str) -> None:
+        if value is None:
+            return
+        checks.append(
+            Check(name, f"{value:,.0f}{unit}", f">= {goal:,.0f}{unit}", value >= goal, {"": value})
+        )
+
+    def ratio_check(
+        name: str, mine: dict[str, float], theirs: dict[str, float], goal: float | None
+    ) -> None:
+        ratios = {k: mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0}
+        if not ratios:
+            return
+        measured = " · ".join(
+            (f"c={k} " if k else "") + _fmt_ratio(v) for k, v in sorted(ratios.items(), key=_key)
+        )
+        met = None if goal is None else all(v >= goal for v in ratios.values())
+        target = "reference" if goal is None else f">= {goal:g}x"
+        checks.append(
+            Check(name, measured, target, met, {k: round(v, 3) for k, v in ratios.items()})
+        )
+
+    def scalar(value: float | None) -> dict[str, float]:
+        return {} if value is None else {"": value}
+
+    sqlite, huey = get("corral-sqlite"), get("huey-sqlite")
+    if sqlite is not None:
+        if sqlite.processed_per_s:
+            best_c, best = max(sqlite.processed_per_s.items(), key=lambda kv: kv[1])
+            at_least(f"corral-sqlite processed (best: c={best_c})", best, 10_000, "/s")
+        at_least("corral-sqlite enqueue one by one", sqlite.enqueue_one_per_s, 15_000, "/s")
+        at_least("corral-sqlite enqueue in bulk", sqlite.enqueue_bulk_per_s, 100_000, "/s")
+        cross = sqlite.pickup.get("cross_process")
+        if cross is not None:
+            checks.append(
+                Check(
+                    "corral-sqlite idle pickup p99, across processes",
+                    f"{_fmt_ms(cross.p99_ms)} ms",
+                    "<= 50 ms",
+                    cross.p99_ms <= 50,
+                    {"": cross.p99_ms},
+                )
+            )
+        if huey is not None:
+            ratio_check(
+                "corral-sqlite / huey-sqlite enqueue one by one",
+                scalar(sqlite.enqueue_one_per_s),
+                scalar(huey.enqueue_one_per_s),
+                None,
+            )
+            ratio_check(
+                "corral-sqlite / huey-sqlite processed",
+                sqlite.processed_per_s,
+                huey.processed_per_s,
+                None,
+            )
+    mine, py, node = get("corral-bullmq"), get("bullmq-py"), get("bullmq-node")
+    if mine is not None:
+        if py is not None:
+            ratio_check(
+                "corral-bullmq / bullmq-py processed", mine.processed_per_s, py.processed_per_s, 2.5
+            )
+        if node is not None:
+            ratio_check(
+                "corral-bullmq / bullmq-node processed",
+                mine.processed_per_s,
+                node.processed_per_s,
+                0.5,
+            )
+            ratio_check(
+                "corral-bullmq / bullmq-node enqueue one by one",
+                scalar(mine.enqueue_one_per_s),
+                scalar(node.enqueue_one_per_s),
+                0.9,
+            )
+            ratio_check(
+                "corral-bullmq / bullmq-node enqueue in bulk",
+                scalar(mine.enqueue_bulk_per_s),
+                scalar(node.enqueue_bulk_per_s),
+                None,
+            )
+        cross = mine.pickup.get("cross_process")
+        if cross is not None:
+            checks.append(
+                Check(
+                    "corral-bullmq idle pickup p99, across processes",
+                    f"{_fmt_ms(cross.p99_ms)} ms",
+                    "<= 10 ms",
+                    cross.p99_ms <= 10,
+                    {"": cross.p99_ms},
+                )
+            )
+    if py is not None and node is not None:
+        ratio_check(
+            "bullmq-py / bullmq-node processed", py.processed_per_s, node.processed_per_s, None
+        )
+    return checks
+
+
+def _key(item: tuple[str, float]) -> int:
+    return int(item[0]) if item[0].isdigit() else 0
+
+
+def results_table(results: dict[str, SystemResult], plan: Plan) -> Table:
+    """The figures: one column per system, one row per measurement."""
+    rss_jobs = plan.processed[plan.rss_concurrency]
+    table = Table(title=f"corral bench ({plan.mode} run)", title_justify="left")
+    table.add_column("")
+    for system in results:
+        table.add_column(system, justify="right")
+    rows: list[tuple[str, Callable[[SystemResult], str]]] = [
+        ("enqueue 1 by 1 /s", lambda r: _fmt_rate(r.enqueue_one_per_s)),
+        (f"enqueue bulk /s (x{plan.bulk_batch})", lambda r: _fmt_rate(r.enqueue_bulk_per_s)),
+    ]
+    for c in plan.processed:
+        rows.append((f"processed /s c={c}", functools.partial(_fmt_processed, c)))
+    for kind, where in (("cross_process", "x-process"), ("in_process", "in-process")):
+        rows.append((f"pickup p50 ms {where}", functools.partial(_fmt_pickup, kind, "p50")))
+        rows.append((f"pickup p99 ms {where}", functools.partial(_fmt_pickup, kind, "p99")))
+    rows.append(("worker RSS MB warm", lambda r: _fmt_mb(r.rss.warm_kb if r.rss else None)))
+    rows.append(
+        (f"worker RSS MB {rss_jobs:,} jobs", lambda r: _fmt_mb(r.rss.end_kb if r.rss else None))
+    )
+    for title, cell in rows:
+        table.add_row(
+            title, *(cell(r) if r.available else "not installed" for r in results.values())
+        )
+    return table
+
+
+def _fmt_processed(concurrency: int, result: SystemResult) -> str:
+    return _fmt_rate(result.processed_per_s.get(str(concurrency)))
+
+
+def _fmt_pickup(kind: str, which: str, result: SystemResult) -> str:
+    found = result.pickup.get(kind)
+    if found is None:
+        return "—"
+    return _fmt_ms(found.p50_ms if which == "p50" else found.p99_ms)
+
+
+def _fmt_mb(kb: int | None) -> str:
+    return "—" if kb is None else f"{kb / 1024:.1f}"
+
+
+def checks_table(checks: Sequence[Check]) -> Table:
+    """Targets and ratios."""
+    table = Table(title="targets and ratios (this run)", title_justify="left")
+    table.add_column("check")
+    table.add_column("measured", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("", justify="center")
+    for check in checks:
+        mark = "" if check.met is None else ("[green]ok[/green]" if check.met else "[red]no[/red]")
+        table.add_row(check.check, check.measured, check.target, mark)
+    return table
+
+
+def machine_info(env: Environment) -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "redis": env.redis_version,
+        "node": env.node,
+    }
+
+
+def _node_version() -> str | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    try:
+        done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _node_bullmq_version(modules: Path | None) -> str | None:
+    if modules is None:
+        return None
+    try:
+        package = json.loads((modules / "node_modules" / "bullmq" / "package.json").read_text())
+    except (OSError, ValueError):
+        return None
+    version = package.get("version")
+    return str(version) if version else None
+
+
+def parse_systems(values: Sequence[str] | None) -> list[str]:
+    """``--systems a,b --systems c`` as a list in the canonical order; all when empty."""
+    if not values:
+        return list(SYSTEMS)
+    chosen = {part.strip() for value in values for part in value.split(",") if part.strip()}
+    unknown = sorted(chosen - set(SYSTEMS))
+    if unknown:
+        raise ConfigError(
+            f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}"
+        )
+    return [system for system in SYSTEMS if system in chosen]
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_bench(
+    *,
+    quick: bool = False,
+    systems: Sequence[str] | None = None,
+    redis_url: str | None = None,
+    node_script: Path | None = None,
+    node_modules: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and return the report (what ``--json`` writes)."""
+    plan = QUICK if quick else FULL
+    chosen = parse_systems(systems)
+    console = console or Console(stderr=True)
+    url = redis_url or DEFAULT_REDIS_URL
+    started_at = datetime.now(UTC)
+    began = time.monotonic()
+    redis_version = redis_error = None
+    started_redis = False
+    if REDIS_SYSTEMS & set(chosen):
+        redis_version, redis_error, started_redis = ensure_redis(url)
+    script, modules = find_node(node_script, node_modules)
+    env = Environment(
+        redis_url=url,
+        redis_version=redis_version,
+        redis_error=redis_error,
+        node=_node_version() if "bullmq-node" in chosen else None,
+        node_script=script,
+        node_modules=modules,
+        node_bullmq=_node_bullmq_version(modules),
+    )
+    results: dict[str, SystemResult] = {}
+    runnable: list[tuple[str, str]] = []
+    for system in chosen:
+        version, reason = availability(system, env)
+        if version is None:
+            results[system] = SystemResult(system, SYSTEMS[system], False, reason=reason)
+        else:
+            runnable.append((system, version))
+            results[system] = SystemResult(system, SYSTEMS[system], True, version=version)
+    steps_per_system = 4 + len(plan.processed)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    try:
+        with _workdir() as workdir, progress:
+            task = progress.add_task("starting", total=steps_per_system * len(runnable))
+            bench = Bench(plan, env, workdir, progress)
+            try:
+                for system, version in runnable:
+                    results[system] = bench.run_system(system, version, task)
+            finally:
+                bench.close()
+    finally:
+        if started_redis:
+            with contextlib.suppress(Exception):
+                _redis_client(url).shutdown(nosave=True)
+    checks = build_checks(results)
+    return {
+        "schema": SCHEMA,
+        "mode": plan.mode,
+        "date": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - began, 1),
+        "machine": machine_info(env),
+        "plan": {
+            "enqueue_one": plan.enqueue_one,
+            "enqueue_bulk": plan.enqueue_bulk,
+            "bulk_batch": plan.bulk_batch,
+            "processed": {str(c): n for c, n in plan.processed.items()},
+            "rss_concurrency": plan.rss_concurrency,
+            "warm_jobs": plan.warm_jobs,
+            "idle_samples": plan.idle_samples,
+            "idle_in_process_samples": plan.idle_in_process_samples,
+            "idle_gap_ms": list(plan.idle_gap_ms),
+            "max_phase_s": plan.max_phase_s,
+        },
+        "systems": {name: asdict(result) for name, result in results.items()},
+        "checks": [asdict(check) for check in checks],
+    }
+
+
+def report_from_json(report: dict[str, Any]) -> tuple[dict[str, SystemResult], Plan]:
+    """The results and plan of a report (to print a table of a saved run)."""
+    plan = QUICK if report.get("mode") == "quick" else FULL
+    results: dict[str, SystemResult] = {}
+    for name, raw in report["systems"].items():
+        values = dict(raw)
+        values["pickup"] = {k: Pickup(**v) for k, v in (values.get("pickup") or {}).items()}
+        values["rss"] = Memory(**values["rss"]) if values.get("rss") else None
+        results[name] = SystemResult(**values)
+    return results, plan
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    """The tables of a report, with the errors and notes under them."""
+    results, plan = report_from_json(report)
+    machine = report["machine"]
+    console.print(
+        f"{report['date']} · {machine['cpus']} cores ({machine['cpu']}) · Python "
+        f"{machine['python']} · SQLite {machine['sqlite']} · Redis {machine['redis'] or '—'} · "
+        f"Node {machine['node'] or '—'} · {report['duration_s']}s",
+        markup=False,
+        highlight=False,
+    )
+    console.print(results_table(results, plan))
+    checks = [Check(**raw) for raw in report["checks"]]
+    if checks:
+        console.print(checks_table(checks))
+    for result in results.values():
+        if not result.available:
+            console.print(f"{result.system}: {result.reason}", markup=False, highlight=False)
+        for line in result.errors:
+            console.print(f"[red]{result.system}[/red]: {line}", highlight=False)
+        for line in result.notes:
+            console.print(f"{result.system}: {line}", markup=False, highlight=False)
+
+
+def check_loopback(url: str) -> str:
+    """``url`` if it names a Redis on this machine; a benchmark floods the Redis it is given."""
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"corral bench only uses a Redis on this machine (127.0.0.1, ::1, localhost), "
+            f"not {redact_url(url)}; pass --redis-url redis://127.0.0.1:6379/0"
+        )
+    return url
+
+
+def bench_command(
+    ctx: typer.Context,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A smoke run: small counts, done in seconds")
+    ] = False,
+    systems: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--systems",
+            "-s",
+            metavar="NAMES",
+            help=f"Only these (comma-separated or repeated): {', '.join(SYSTEMS)} [default: all]",
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", metavar="PATH", help="Also write the results as JSON to this file"),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            metavar="URL",
+            help="A Redis on 127.0.0.1 [default: global --redis-url, env, 127.0.0.1:6379]",
+        ),
+    ] = None,
+) -> None:
+    """Benchmark corral on SQLite and BullMQ against bullmq, Node.js BullMQ and Huey."""
+    from corral.cli import CliState, corral_errors  # the command is registered by corral.cli
+
+    state = ctx.find_root().obj
+    overrides = state.overrides if isinstance(state, CliState) else {}
+    with corral_errors():
+        chosen = parse_systems(systems)
+        url = (
+            redis_url
+            or QueueSettings(
+                **{key: overrides[key] for key in ("redis_url",) if key in overrides}
+            ).redis_url
+        )
+        if REDIS_SYSTEMS & set(chosen):
+            check_loopback(url)
+        report = run_bench(quick=quick, systems=chosen, redis_url=url)
+    print_report(report, Console(highlight=False))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if any(raw["errors"] for raw in report["systems"].values()):
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    runner_main()
