@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
+from corral.bench import bench_command
 from corral.chaos import chaos_command
 from corral.errors import ConfigError, CorralError
 from corral.message import JobInfo, JobState
@@ -533,6 +534,7 @@ def check(
 
 
 app.command("chaos")(chaos_command)
+app.command("bench")(bench_command)
 
 
 # -- entry point --------------------------------------------------------------------------------
