@@ -394,3 +394,22 @@ def test_crash_looping_child_is_restarted_with_growing_delays(
 
     assert [float(d) for d in delays[:6]] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
     assert supervisor.wait(15) == 1  # its last child did not exit cleanly
+
+
+def test_second_signal_to_the_supervisor_ends_everything_at_once(
+    queue: Queue, out: Path, spawn: Callable[..., Proc]
+) -> None:
+    job_id = queue.enqueue("sleep", {"out": str(out), "seconds": 120})
+    supervisor = spawn(
+        "-m", "corral.worker", "tasks_worker", "--processes", "2", QUEUE_SHUTDOWN_GRACE_S="120"
+    )
+    children = [int(pid) for _, pid in supervisor.wait_for_log(STARTED, count=2)]
+    wait_until(lambda: starts(out, job_id) == 1, what="the job to start")
+
+    supervisor.signal(signal.SIGTERM)
+    supervisor.wait_for_log(r"SIGTERM received: claiming no more jobs", count=2)
+    supervisor.signal(signal.SIGTERM)
+
+    assert supervisor.wait(20) == 128 + signal.SIGTERM, supervisor.log()
+    assert not any(alive(pid) for pid in children)
+    assert queue.job(job_id).state is JobState.WAITING

@@ -217,6 +217,7 @@ async def run_worker(
 
 
 _early_signals: list[int] = []
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _catch_early_signals() -> None:
@@ -226,8 +227,11 @@ def _catch_early_signals() -> None:
     def remember(signum: int, frame: FrameType | None) -> None:
         _early_signals.append(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, remember)
+    # A supervisor starts its workers with these signals blocked (see Supervisor._start); what
+    # arrived since is delivered now, to the handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 def _arm_hard_exit(code: int) -> None:
@@ -295,7 +299,11 @@ class _Slot:
 
 
 class Supervisor:
-    """Run ``processes`` copies of a worker command; restart them, forward signals to them."""
+    """Run ``processes`` copies of a worker command; restart them, forward signals to them.
+
+    The command starts with SIGTERM and SIGINT blocked and must unblock them once it can
+    handle them (``python -m corral.worker`` does).
+    """
 
     def __init__(
         self,
@@ -422,7 +430,13 @@ class Supervisor:
         slot.restart_at = None
         # A process group of its own: a terminal's Ctrl-C reaches only the supervisor, which
         # forwards it once; otherwise every child would see it twice and exit at once.
-        slot.process = subprocess.Popen(self.command, env=self.env, process_group=0)
+        # The child inherits a mask that blocks SIGTERM/SIGINT, so a signal forwarded while it
+        # starts up waits until its worker can handle it instead of killing it half-started.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            slot.process = subprocess.Popen(self.command, env=self.env, process_group=0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         slot.started_at = time.monotonic()
         logger.info(
             "worker process %d/%d started (pid %d)",
