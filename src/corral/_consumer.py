@@ -138,13 +138,13 @@ async def consume(
                     for claim in claims or ():
                         await settle(claim, Released())
                     return
+                if claims is not None:
+                    errors.ok()  # also after a claim that found jobs, or recovery goes unlogged
                 if claims:
                     for claim in claims:
                         held.add(claim)
                         ready.put_nowait(claim)
                     continue
-                if claims is not None:
-                    errors.ok()
                 if burst and not held and claims is not None:
                     return
                 slot_free.clear()
