@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from bullmq.queue_keys import QueueKeys
 from bullmq.redis_connection import RedisConnection, loadScript
-from bullmq.scripts import Scripts
+from bullmq.scripts import Scripts, raw2NextJobData
 from bullmq.utils import object_to_flat_array
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -83,7 +83,7 @@ _EXTRA_SCRIPTS = {
 }
 _MIN_BLOCK_S = 0.001  # BZPOPMIN's timeout 0 means "for ever"; 1 ms is Node's floor too
 _MAX_BLOCK_S = 5.0  # keep a blocked connection short-lived, as Node caps it (10 s)
-_CLAIM_BATCH_CAP = 100
+_CLAIM_BATCH_CAP = 100  # moveToActive calls per round trip
 _WATCH_TRIES = 5
 _CLOSE_TIMEOUT_S = 2.0
 _DELAY_SCORE_FACTOR = 0x1000  # delayed-set scores are ``timestamp_ms * 0x1000 + counter``
@@ -221,11 +221,14 @@ class BullMQBackend(QueueBackend):
         timestamp = _now_ms()
         with self._errors("adding jobs"):
             client = await self._ready(*sorted(queues))
-            # MULTI/EXEC: nothing is applied unless the whole batch reaches Redis.
-            async with client.pipeline(transaction=True) as pipe:
-                for job in jobs:
-                    await self._add(pipe, job, timestamp)
-                results = await pipe.execute()
+            if len(jobs) == 1:  # one script call is atomic on its own: save the MULTI
+                results = [await self._add(None, jobs[0], timestamp)]
+            else:
+                # MULTI/EXEC: nothing is applied unless the whole batch reaches Redis.
+                async with client.pipeline(transaction=True) as pipe:
+                    for job in jobs:
+                        await self._add(pipe, job, timestamp)
+                    results = await pipe.execute()
         ids: list[str] = []
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, int) and result < 0:
@@ -235,8 +238,8 @@ class BullMQBackend(QueueBackend):
             self._source.wake()
         return ids
 
-    async def _add(self, pipe: Any, job: NewJob, timestamp: int) -> None:
-        """Queue one add script on ``pipe``, choosing it as Node's ``Job.addJob`` does.
+    async def _add(self, pipe: Any, job: NewJob, timestamp: int) -> Any:
+        """Run one add script (on ``pipe`` when given), choosing it as Node's ``Job.addJob``.
 
         The add scripts return the existing id for a duplicate ``jobId`` and leave that job as
         it is, so duplicates need no extra check.
@@ -260,7 +263,7 @@ class BullMQBackend(QueueBackend):
             script = "addStandardJob"
             names = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events"]
             names += ["marker"]
-        await self._commands[script](keys=[keys[n] for n in names], args=argv, client=pipe)
+        return await self._commands[script](keys=[keys[n] for n in names], args=argv, client=pipe)
 
     def _job_opts(self, job: NewJob) -> dict[str, Any]:
         """The ``opts`` a Node producer writes for the same job (omitted options are absent)."""
@@ -605,6 +608,7 @@ class _Source(PullSource):
         self._limit_until_ms = 0  # the rate limiter's window ends then
         self._block_until_ms = 0  # the next delayed job is due then (0: none known)
         self._started = False
+        self._drained = True  # the last claim found no more jobs: claim one at a time
         rate = self.settings.rate_limit_max
         self._limiter = (
             {"max": rate, "duration": max(1, round(self.settings.rate_limit_duration_s * 1000))}
@@ -648,28 +652,66 @@ class _Source(PullSource):
     # -- PullSource ------------------------------------------------------------------------
 
     async def claim(self, max_jobs: int) -> list[Claim]:
+        """Lease jobs with moveToActive. After an idle spell one call, so the job starts after
+        a single round trip; while jobs keep coming, up to ``max_jobs`` calls in one round
+        trip."""
         claims: list[Claim] = []
         with self.backend._errors("claiming jobs"):
             await self._start()
-            while len(claims) < min(max_jobs, _CLAIM_BATCH_CAP):
-                if self._limit_until_ms > _now_ms():
-                    if self.burst and not claims:
-                        # Burst mode drains the queue: the limiter only postpones the jobs.
-                        await asyncio.sleep((self._limit_until_ms - _now_ms()) / 1000)
-                        continue
-                    break
-                token = self._next_token()
-                raw, job_id, limit_ms, delay_until = await self.backend._scripts.moveToActive(
-                    token, {"lockDuration": self.lock_ms, "limiter": self._limiter}
-                )
-                if raw is None:
-                    if limit_ms and int(limit_ms) > 0:
+            while True:
+                limited_ms = self._limit_until_ms - _now_ms()
+                if limited_ms > 0:
+                    if not self.burst:
+                        return []
+                    # Burst mode drains the queue: the limiter only postpones the jobs.
+                    await asyncio.sleep(limited_ms / 1000)
+                count = 1 if self._drained else max(1, min(max_jobs, _CLAIM_BATCH_CAP))
+                for token, (raw, job_id, limit_ms, delay_until) in await self._move_to_active(
+                    count
+                ):
+                    if raw:
+                        claims.append(self._claim(str(job_id), token, raw))
+                    elif limit_ms and int(limit_ms) > 0:
                         self._limit_until_ms = _now_ms() + int(limit_ms)
-                        continue
-                    self._block_until_ms = int(float(delay_until or 0))
-                    break
-                claims.append(self._claim(str(job_id), token, raw))
-        return claims
+                    else:
+                        self._block_until_ms = int(float(delay_until or 0))
+                self._drained = len(claims) < count
+                if claims or self._limit_until_ms <= _now_ms() or not self.burst:
+                    return claims
+
+    async def _move_to_active(self, count: int) -> list[tuple[str, list[Any]]]:
+        """``count`` moveToActive calls (Node's arguments) with fresh tokens, pipelined.
+
+        Pipelined calls use EVALSHA directly: redis-py would otherwise ask SCRIPT EXISTS on
+        every pipeline, an extra round trip per claim.
+        """
+        backend = self.backend
+        script = backend._commands["moveToActive"]
+        keys = [self.keys[n] for n in _MOVE_TO_ACTIVE_KEYS]
+        tokens = [self._next_token() for _ in range(count)]
+        opts = {"lockDuration": self.lock_ms, "limiter": self._limiter}
+
+        def args(token: str) -> list[Any]:
+            packed = msgpack.packb({"token": token, **opts}, use_bin_type=True)
+            return [self.keys[""], _now_ms(), packed]
+
+        if count == 1:
+            results = [await script(keys=keys, args=args(tokens[0]))]
+        else:
+            client = backend._connect()
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for token in tokens:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args(token))
+                    results = await pipe.execute()
+            except redis_errors.NoScriptError:
+                # Redis restarted or flushed its scripts; nothing ran. Load it and retry once.
+                await client.script_load(script.script)
+                async with client.pipeline(transaction=False) as pipe:
+                    for token in tokens:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args(token))
+                    results = await pipe.execute()
+        return [(t, raw2NextJobData(r)) for t, r in zip(tokens, results, strict=True)]
 
     def _claim(self, job_id: str, token: str, raw: dict[str, str]) -> Claim:
         opts = _json_object(raw.get("opts"))
@@ -973,6 +1015,19 @@ class _Source(PullSource):
             await asyncio.wait_for(self._wait.client.aclose(), _CLOSE_TIMEOUT_S)
 
 
+_MOVE_TO_ACTIVE_KEYS = (
+    "wait",
+    "active",
+    "prioritized",
+    "events",
+    "stalled",
+    "limiter",
+    "delayed",
+    "paused",
+    "meta",
+    "pc",
+    "marker",
+)
 _FINISH_KEYS = (
     "wait",
     "active",
