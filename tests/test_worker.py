@@ -25,12 +25,14 @@ pytestmark = pytest.mark.timeout(120)
 class Queue:
     """The test's own view of the SQLite queue that the worker processes use."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, name: str = "default") -> None:
         self.db = db
+        self.name = name
 
     def _run(self, call: Callable[[QueueService], Any]) -> Any:
         async def go() -> Any:
-            async with QueueService(QueueSettings(sqlite_path=str(self.db))) as service:
+            settings = QueueSettings(sqlite_path=str(self.db), name=self.name)
+            async with QueueService(settings) as service:
                 return await call(service)
 
         return asyncio.run(go())
@@ -413,3 +415,28 @@ def test_second_signal_to_the_supervisor_ends_everything_at_once(
     assert supervisor.wait(20) == 128 + signal.SIGTERM, supervisor.log()
     assert not any(alive(pid) for pid in children)
     assert queue.job(job_id).state is JobState.WAITING
+
+
+def test_supervised_burst_workers_use_the_global_options(
+    tmp_path: Path, out: Path, spawn: Callable[..., Proc]
+) -> None:
+    emails = Queue(tmp_path / "other.db", name="emails")
+    ids = [emails.enqueue("echo", {"out": str(out), "value": value}) for value in range(8)]
+
+    supervisor = spawn(
+        "-m",
+        "corral.cli",
+        "--sqlite-path",
+        str(emails.db),
+        "--queue",
+        "emails",
+        "worker",
+        "tasks_worker",
+        "--processes",
+        "2",
+        "--burst",
+    )
+
+    assert supervisor.wait(60) == 0, supervisor.log()
+    assert supervisor.log().count("drained the queue") == 2
+    assert [emails.job(job_id).result for job_id in ids] == list(range(8))
