@@ -310,6 +310,30 @@ def test_job_longer_than_grace_is_released_and_runs_again(
     assert starts(out, job_id) == 2
 
 
+def test_signal_that_arrives_during_startup_still_stops_gracefully(
+    tmp_path: Path, db: Path
+) -> None:
+    # The signal is pending before the worker can handle it, as when a supervisor forwards one
+    # to a child that is still starting: it must not be lost.
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [PYTHON, "-m", "corral.worker", "tasks_worker"],
+            env=python_env(QUEUE_SQLITE_PATH=str(db)),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}),
+        )
+        worker.send_signal(signal.SIGTERM)
+        try:
+            code = worker.wait(30)
+        finally:
+            worker.kill()
+    output = (tmp_path / "worker.log").read_text()
+    assert code == 0, output
+    assert "SIGTERM received: claiming no more jobs" in output
+
+
 def test_second_signal_exits_at_once_and_releases_the_job(
     queue: Queue, out: Path, spawn: Callable[..., Proc]
 ) -> None:

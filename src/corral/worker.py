@@ -192,6 +192,7 @@ async def run_worker(
     handled = (signal.SIGTERM, signal.SIGINT)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
+    await asyncio.sleep(0)  # let the worker start, so a stop is not lost before it runs
     while _early_signals:
         on_signal(_early_signals.pop(0))
     watchdog = (
