@@ -292,7 +292,7 @@ class BullMQBackend(QueueBackend):
         stop: asyncio.Event,
         burst: bool = False,
     ) -> None:
-        source = _Source(self, burst=burst)
+        source = _Source(self, burst=burst, stop=stop)
         self._source = source
         try:
             await consume(
@@ -595,8 +595,11 @@ class _Wait:
 class _Source(PullSource):
     """The worker side of a BullMQBackend, over the package's Lua scripts."""
 
-    def __init__(self, backend: BullMQBackend, *, burst: bool) -> None:
+    def __init__(
+        self, backend: BullMQBackend, *, burst: bool, stop: asyncio.Event | None = None
+    ) -> None:
         self.backend = backend
+        self.stop = stop if stop is not None else asyncio.Event()
         self.settings = backend.settings
         self.keys = backend.keys
         self.lease_s = self.settings.lease_s
@@ -609,6 +612,9 @@ class _Source(PullSource):
         self._block_until_ms = 0  # the next delayed job is due then (0: none known)
         self._started = False
         self._drained = True  # the last claim found no more jobs: claim one at a time
+        # Jobs moveToFinished handed over with the previous job's result (Node's fetch-next):
+        # leased already, given out by the next claim().
+        self._prefetched: list[Claim] = []
         rate = self.settings.rate_limit_max
         self._limiter = (
             {"max": rate, "duration": max(1, round(self.settings.rate_limit_duration_s * 1000))}
@@ -655,7 +661,10 @@ class _Source(PullSource):
         """Lease jobs with moveToActive. After an idle spell one call, so the job starts after
         a single round trip; while jobs keep coming, up to ``max_jobs`` calls in one round
         trip."""
-        claims: list[Claim] = []
+        if self._prefetched:
+            claims, self._prefetched = self._prefetched[:max_jobs], self._prefetched[max_jobs:]
+            return claims
+        claims = []
         with self.backend._errors("claiming jobs"):
             await self._start()
             while True:
@@ -765,6 +774,7 @@ class _Source(PullSource):
                 code = await self._finish(
                     claim, delivery, "completed", outcome.result_json, now, fields=None
                 )
+                code = self._take_next(claim.token, code)
             elif isinstance(outcome, RetryLater):
                 code = await self._retry(claim, delivery, outcome, now)
             elif isinstance(outcome, Failed):
@@ -777,6 +787,7 @@ class _Source(PullSource):
                     code = await self._fail_with_dead_letter(claim, delivery, reason, fields, now)
                 else:
                     code = await self._finish(claim, delivery, "failed", reason, now, fields)
+                    code = self._take_next(claim.token, code)
             else:
                 assert isinstance(outcome, Released)
                 code = await self.backend._run(
@@ -803,11 +814,25 @@ class _Source(PullSource):
         value: str,
         now: int,
         fields: dict[str, str] | None,
-        client: Any = None,
     ) -> Any:
-        """moveToFinished with the arguments Node's worker passes (no fetch-next)."""
-        keys, args = self._finish_call(claim, delivery, target, value, now, fields)
-        return await self.backend._commands["moveToFinished"](keys=keys, args=args, client=client)
+        """moveToFinished with the arguments Node's worker passes. Like Node it asks for the
+        next job in the same call (fetch-next) unless the worker is stopping."""
+        fetch_next = not self.stop.is_set() and self._limit_until_ms <= now
+        keys, args = self._finish_call(claim, delivery, target, value, now, fields, fetch_next)
+        return await self.backend._run("moveToFinished", keys, args)
+
+    def _take_next(self, token: str, result: Any) -> Any:
+        """Keep the job a fetch-next moveToFinished leased (under ``token``); return the code."""
+        if not isinstance(result, list):
+            return result
+        raw, job_id, limit_ms, delay_until = raw2NextJobData(result)
+        if raw:
+            self._prefetched.append(self._claim(str(job_id), token, raw))
+        elif limit_ms and int(limit_ms) > 0:
+            self._limit_until_ms = _now_ms() + int(limit_ms)
+        elif delay_until:
+            self._block_until_ms = int(float(delay_until))
+        return 0
 
     def _finish_call(
         self,
@@ -817,6 +842,7 @@ class _Source(PullSource):
         value: str,
         now: int,
         fields: dict[str, str] | None,
+        fetch_next: bool = False,
     ) -> tuple[list[str], list[Any]]:
         k = self.keys
         opts = delivery.opts
@@ -846,7 +872,8 @@ class _Source(PullSource):
             use_bin_type=True,
         )
         prop = "returnvalue" if target == "completed" else "failedReason"
-        args: list[Any] = [claim.job_id, now, prop, value, target, "0", k[""], packed_opts]
+        next_flag = "1" if fetch_next else "0"
+        args: list[Any] = [claim.job_id, now, prop, value, target, next_flag, k[""], packed_opts]
         if fields:
             args.append(msgpack.packb(object_to_flat_array(fields), use_bin_type=True))
         return keys, args
@@ -923,11 +950,12 @@ class _Source(PullSource):
         )
 
     async def extend(self, claims: Sequence[Claim]) -> list[Claim]:
-        if not claims:
+        renew = [*claims, *self._prefetched]
+        if not renew:
             return []
         with self.backend._errors("renewing locks"):
             failed = await self.backend._scripts.extendJobLocks(
-                [c.job_id for c in claims], [c.token for c in claims], self.lock_ms
+                [c.job_id for c in renew], [c.token for c in renew], self.lock_ms
             )
         lost = set(failed or ())
         return [c for c in claims if c.job_id in lost]
@@ -1004,8 +1032,14 @@ class _Source(PullSource):
         self._wait.wake.set()
 
     async def aclose(self) -> None:
-        """Stop the blocking pop and close the named connection (the worker leaves
-        getWorkers())."""
+        """Release prefetched jobs, stop the blocking pop and close the named connection (the
+        worker leaves getWorkers())."""
+        prefetched, self._prefetched = self._prefetched, []
+        for claim in prefetched:
+            try:
+                await asyncio.wait_for(self.settle(claim, Released()), _CLOSE_TIMEOUT_S)
+            except Exception as exc:  # the lock expires and the job is delivered again
+                logger.warning("job %s: could not release it at shutdown: %s", claim.job_id, exc)
         pop, self._wait.pop = self._wait.pop, None
         if pop is not None:
             pop.cancel()
