@@ -82,6 +82,8 @@ def scratch_redis() -> Iterator[ScratchRedis]:
                 with socket.create_connection((REDIS_HOST, port), timeout=0.2):
                     return port
             except OSError:
+                if process.poll() is not None:  # e.g. a redis-server built without TLS
+                    missing(f"redis-server would not start with {' '.join(args)}")
                 assert time.monotonic() < deadline, "scratch redis-server did not start"
                 time.sleep(0.02)
 
@@ -535,6 +537,43 @@ async def test_user_password_and_database_come_from_the_url(
             await service.counts()
     assert "refused the credentials" in str(info.value)
     assert "nope-pw" not in str(info.value) and "nope-pw" not in repr(info.value)
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Any) -> tuple[str, str]:
+    """A self-signed certificate and key for 127.0.0.1."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        missing("openssl is needed to make a certificate for the TLS test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run([str(openssl), *request, *files, *subject], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+async def test_rediss_url_connects_over_tls(
+    scratch_redis: ScratchRedis, tls_cert: tuple[str, str]
+) -> None:
+    cert, key = tls_cert
+    tls_port = free_port()
+    scratch_redis(
+        *("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
+    )
+    url = f"rediss://{REDIS_HOST}:{tls_port}/0?ssl_ca_certs={cert}"
+    settings = QueueSettings(backend="bullmq", name=unique_queue_name(), redis_url=url)
+    async with QueueService(settings) as service:
+
+        @service.handler("secure")
+        async def secure(message: QueueMessage) -> str:
+            return "over tls"
+
+        job_id = await service.enqueue("secure", None)
+        await service.start_worker(burst=True)
+        job = await service.get_job(job_id)
+        assert job is not None and (job.state, job.result) == (JobState.COMPLETED, "over tls")
 
 
 async def test_eviction_policy_warning_is_logged_once(
