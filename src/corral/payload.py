@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from corral.errors import PayloadError
 
+MAX_NESTING = 500
+"""How deep lists and objects may nest in a payload: well inside Python's recursion limit, so a
+payload accepted here also decodes in a worker, whose stack is deeper than the producer's."""
+
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-_decoder = json.JSONDecoder()
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# Python's json accepts NaN and Infinity, which are not JSON: a payload holding them was not
+# written by corral or a BullMQ producer.
+_decoder = json.JSONDecoder(parse_constant=_not_json)
 
 
 def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
@@ -40,6 +53,10 @@ def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
             "(QUEUE_MAX_PAYLOAD_BYTES); store large data elsewhere and enqueue a "
             "reference to it"
         )
+    if text.count("[") + text.count("{") > MAX_NESTING and _nesting(text) > MAX_NESTING:
+        raise PayloadError(
+            f"{what} nests lists and objects more than {MAX_NESTING} levels deep; flatten it"
+        )
     if size < 256 and _plain(data, 3):
         return text  # small and made only of exact JSON types: nothing can change on the way
     try:
@@ -56,11 +73,33 @@ def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
 
 
 def decode_json(text: str | bytes) -> Any:
-    """Decode JSON written by corral or a BullMQ producer."""
-    return _decoder.decode(text if isinstance(text, str) else text.decode("utf-8"))
+    """Decode JSON written by corral or a BullMQ producer.
+
+    Raises:
+        ValueError: ``text`` is not JSON (``UnicodeDecodeError`` for bytes that are not
+            UTF-8), or is nested too deeply to decode.
+    """
+    try:
+        return _decoder.decode(text if isinstance(text, str) else text.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to decode") from None
 
 
 _SCALARS = (str, int, float, type(None))
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_AS_PARENS = str.maketrans("[]{}", "()()")
+
+
+def _nesting(text: str) -> int:
+    """How deep the arrays and objects of the JSON ``text`` nest (at most MAX_NESTING + 1)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).translate(_AS_PARENS)
+    depth = 0
+    # Each pass removes the innermost pairs; C-speed string work, one pass per level.
+    while brackets and depth <= MAX_NESTING:
+        brackets = brackets.replace("()", "")
+        depth += 1
+    return depth
 
 
 def _plain(value: Any, depth: int) -> bool:

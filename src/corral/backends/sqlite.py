@@ -110,7 +110,16 @@ def _now_ms() -> int:
 
 
 def _dt(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+    if not isinstance(ms, int):  # NULL, or text a foreign writer put in the column
+        return None
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, ValueError, OSError):  # out of datetime's range
+        return None
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
@@ -456,8 +465,10 @@ class SQLiteBackend(QueueBackend):
     # -- helpers ---------------------------------------------------------------------------
 
     def _id_clause(self, job_id: str) -> tuple[str, tuple[Any, ...]]:
-        if job_id.isdigit():
-            return "seq = ? AND queue = ?", (int(job_id), self.queue_name)
+        # Only the canonical decimal form is a queue-assigned id: "007" or "٣" is a custom one.
+        if job_id.isascii() and job_id.isdigit() and str(int(job_id)) == job_id:
+            seq = int(job_id) if len(job_id) <= 18 else -1  # past SQLite's integers: no job
+            return "seq = ? AND queue = ?", (seq, self.queue_name)
         return "custom_id = ? AND queue = ?", (job_id, self.queue_name)
 
     def _info(self, row: Sequence[Any]) -> JobInfo:
@@ -561,7 +572,9 @@ class _Source(PullSource):
             ).fetchall()
 
         rows = await self.backend._write(take)
-        rows.sort(key=lambda r: (r[6], r[9], r[0]))
+        # A foreign row may hold text where numbers belong: it must not break the sort (and
+        # with it the whole batch); _claim fails it as unreadable.
+        rows.sort(key=lambda r: (_int_or_zero(r[6]), _int_or_zero(r[9]), r[0]))
         return [self._claim(row, token) for row in rows]
 
     def _claim(self, row: Sequence[Any], token: str) -> Claim:
@@ -584,8 +597,10 @@ class _Source(PullSource):
                 raise ValueError(f"job name is {name!r}")
             if not isinstance(max_attempts, int) or not isinstance(attempts_made, int):
                 raise ValueError("attempt counters are not integers")
-            retry = Retry.from_bullmq(json.loads(backoff)) if backoff else None
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            retry = Retry.from_bullmq(decode_json(backoff)) if backoff else None
+            if not isinstance(priority, int) or not isinstance(enqueued_at, int):
+                raise ValueError("priority or enqueued_at is not an integer")
+        except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
             return Claim(job_id, token, None, unreadable=str(exc), extra=seq)
         message = QueueMessage(
             id=job_id,
@@ -594,8 +609,8 @@ class _Source(PullSource):
             queue=self.queue,
             attempt=attempts_made + 1,
             max_attempts=max(1, max_attempts),
-            priority=int(priority or 0),
-            enqueued_at=_dt(int(enqueued_at or 0)) or datetime.fromtimestamp(0, UTC),
+            priority=priority,
+            enqueued_at=_dt(enqueued_at) or datetime.fromtimestamp(0, UTC),
             backoff=retry,
         )
         message._progress = self._progress_writer(seq, token)
