@@ -33,7 +33,7 @@ from corral.message import (
     RetryLater,
 )
 from corral.payload import encode_payload
-from corral.retry import Retry
+from corral.retry import MAX_DELAY_MS, Retry
 from corral.settings import QueueSettings
 
 logger = logging.getLogger("corral.worker")
@@ -45,6 +45,8 @@ T = TypeVar("T")
 PRIORITY_LIMIT = 2**21 - 1  # BullMQ's limit, so a job is valid on either backend
 MAX_NAME_LENGTH = 200
 MAX_JOB_ID_LENGTH = 256
+MAX_ATTEMPTS = 1_000_000  # as QUEUE_ATTEMPTS; counters must fit SQLite's integers
+MAX_DELAY_S = MAX_DELAY_MS / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +183,12 @@ class QueueService:
         if (delay_s != 0 or type(delay_s) is not int) and (
             isinstance(delay_s, bool)
             or not isinstance(delay_s, int | float)
-            or not (math.isfinite(delay_s) and delay_s >= 0)
+            or not (math.isfinite(delay_s) and 0 <= delay_s <= MAX_DELAY_S)
         ):
-            raise PayloadError(f"delay_s must be a finite number >= 0, got {delay_s!r}")
+            raise PayloadError(
+                f"delay_s must be a finite number from 0 to {MAX_DELAY_S:.0f} (a year), "
+                f"got {delay_s!r}"
+            )
         if type(priority) is not int or not (0 <= priority <= PRIORITY_LIMIT):
             raise PayloadError(
                 f"priority must be a whole number from 0 (first) to {PRIORITY_LIMIT}, "
@@ -533,8 +538,12 @@ def _check_name(name: Any, *, error: type[Exception] = ConfigError) -> None:
 
 
 def _check_attempts(attempts: Any, *, error: type[Exception] = ConfigError) -> None:
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise error(f"attempts must be a whole number >= 1, got {attempts!r}")
+    if (
+        isinstance(attempts, bool)
+        or not isinstance(attempts, int)
+        or not 1 <= attempts <= MAX_ATTEMPTS
+    ):
+        raise error(f"attempts must be a whole number >= 1 and <= {MAX_ATTEMPTS}, got {attempts!r}")
 
 
 def _check_job_id(job_id: Any) -> None:
@@ -546,13 +555,24 @@ def _check_job_id(job_id: Any) -> None:
         )
     if ":" in job_id:
         raise PayloadError(f"job_id may not contain ':' (BullMQ's key separator): {job_id!r}")
-    if job_id.lstrip("-").isdigit() and str(int(job_id)) == job_id:
+    try:
+        is_integer = job_id.isascii() and str(int(job_id)) == job_id
+    except ValueError:
+        is_integer = False
+    if is_integer:
         raise PayloadError(
             f"job_id may not be an integer ({job_id!r}); integers are the ids "
             "the queue assigns itself. Use e.g. 'order-42'"
         )
     if any(ch.isspace() or ord(ch) < 32 for ch in job_id):
         raise PayloadError(f"job_id may not contain spaces or control characters: {job_id!r}")
+    if not job_id.isascii():
+        try:
+            job_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PayloadError(
+                f"job_id is not valid Unicode (a lone surrogate): {job_id!r}"
+            ) from None
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:

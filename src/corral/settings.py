@@ -15,6 +15,7 @@ from corral.retry import Retry
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SECRET_FIELDS = frozenset({"redis_url"})
+MAX_KEPT_JOBS = 1_000_000_000  # the counts must fit SQLite's integers and Lua's exact numbers
 
 
 def redact_url(url: str) -> str:
@@ -70,8 +71,8 @@ class QueueSettings(BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=86400)
     dead_letter: str | None = None
     max_payload_bytes: int = Field(default=1_048_576, ge=64, le=512 * 1024 * 1024)
-    keep_completed: int | None = Field(default=1000, ge=0)
-    keep_failed: int | None = Field(default=None, ge=0)
+    keep_completed: int | None = Field(default=1000, ge=0, le=MAX_KEPT_JOBS)
+    keep_failed: int | None = Field(default=None, ge=0, le=MAX_KEPT_JOBS)
     rate_limit_max: int | None = Field(default=None, ge=1)
     rate_limit_duration_s: float = Field(default=1.0, gt=0, le=86400)
     poll_interval_s: float = Field(default=0.02, gt=0, le=60)
@@ -109,6 +110,15 @@ class QueueSettings(BaseSettings):
         db = parts.path.lstrip("/")
         if parts.scheme != "unix" and db and not db.isdigit():
             raise ValueError("has a database part that is not a number; use .../0")
+        return value
+
+    @field_validator("sqlite_path")
+    @classmethod
+    def _check_sqlite_path(cls, value: str) -> str:
+        # SQLite gives an empty name a private temporary database per connection: jobs would
+        # vanish between the producer's connection and the worker's.
+        if not value.strip():
+            raise ValueError("is empty; name a database file, e.g. corral.db")
         return value
 
     @field_validator("name")
