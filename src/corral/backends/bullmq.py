@@ -160,8 +160,8 @@ class BullMQBackend(QueueBackend):
                 self._prepared.add(queue)
         url = self.settings.redis_url_redacted
         if url not in _warned_eviction:
-            _warned_eviction.add(url)
             await self._check_eviction_policy(client)
+            _warned_eviction.add(url)  # once per process and server, after a successful look
         return client
 
     async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
@@ -588,7 +588,6 @@ class _Wait:
 
     client: aioredis.Redis
     pop: asyncio.Task[Any] | None = None
-    named: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -640,7 +639,6 @@ class _Source(PullSource):
             return
         await self.backend._ready()
         await self._wait.client.ping()  # connects, which runs CLIENT SETNAME
-        self._wait.named = True
         self._started = True
         logger.info(
             "consuming queue %r at %s as Redis client %r (BullMQ layout %s, lock %d ms)",
