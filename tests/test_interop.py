@@ -373,7 +373,7 @@ async def test_corral_writes_the_options_a_node_producer_writes(
     try:
         ours = client.hgetall(f"bull:{settings.name}:from-corral")
         theirs = client.hgetall(f"bull:{settings.name}:from-node")
-        delayed = dict(client.zrange(f"bull:{settings.name}:delayed", 0, -1, withscores=True))
+        delayed = set(client.zrange(f"bull:{settings.name}:delayed", 0, -1))
     finally:
         client.close()
     assert json.loads(ours.pop("opts")) | {"jobId": "x"} == json.loads(theirs.pop("opts")) | {
@@ -382,4 +382,4 @@ async def test_corral_writes_the_options_a_node_producer_writes(
     for raw in (ours, theirs):
         raw.pop("timestamp")
     assert ours == theirs  # name, data (verbatim JSON), delay, priority
-    assert set(delayed) == {"from-corral", "from-node"}
+    assert delayed == {"from-corral", "from-node"}
