@@ -15,27 +15,29 @@ from corral.retry import Retry
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SECRET_FIELDS = frozenset({"redis_url"})
+_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
 MAX_KEPT_JOBS = 1_000_000_000  # the counts must fit SQLite's integers and Lua's exact numbers
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (and a lone user token) replaced by ``***``."""
+    """``url`` with its password replaced by ``***``: the one after the user, a lone user token,
+    and a ``password=`` query parameter (redis-py reads that one too)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None and not parts.username:
+    query = _PASSWORD_PARAM.sub(r"\1***", parts.query)
+    if parts.password is None and not parts.username and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    if parts.password is not None:
-        user = f"{parts.username}:***" if parts.username else ":***"
-    else:
-        user = "***"  # redis://TOKEN@host carries the password in the user slot
-    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if "@" in netloc:
+        host = netloc.rpartition("@")[2]  # as written: a bad port must not make this raise
+        if parts.password is not None:
+            user = f"{parts.username}:***" if parts.username else ":***"
+        else:
+            user = "***"  # redis://TOKEN@host carries the password in the user slot
+        netloc = f"{user}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class QueueSettings(BaseSettings):
