@@ -133,6 +133,9 @@ class BullMQBackend(QueueBackend):
             client = aioredis.Redis.from_url(
                 self.settings.redis_url,
                 decode_responses=True,
+                # Bytes that are not UTF-8 (a foreign job) must not fail a whole reply: they come
+                # back as lone surrogates, which _claim rejects and writes restore.
+                encoding_errors="surrogateescape",
                 socket_connect_timeout=5.0,
                 socket_timeout=30.0,
                 health_check_interval=30,
@@ -729,6 +732,14 @@ class _Source(PullSource):
         name = raw.get("name")
         if not name:
             return Claim(job_id, token, None, unreadable="it has no name", extra=delivery)
+        if not _is_text(name) or not _is_text(raw.get("data") or ""):
+            return Claim(
+                job_id, token, None, unreadable="its name or data is not UTF-8 text", extra=delivery
+            )
+        if raw.get("opts") is not None and not isinstance(_lenient_json(raw["opts"]), dict):
+            return Claim(
+                job_id, token, None, unreadable="its opts are not a JSON object", extra=delivery
+            )
         try:
             # Node reads a missing data field as {} (Job.fromJSON).
             data = decode_json(raw.get("data") or "{}")
@@ -1144,6 +1155,15 @@ def _int(value: Any) -> int:
             return int(float(value))
         except (TypeError, ValueError):
             return 0
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` came from UTF-8 bytes (no byte was surrogate-escaped)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _strs(values: Any) -> list[str]:
