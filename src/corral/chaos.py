@@ -313,6 +313,9 @@ class Fleet:
             TASK_MODULE,
             "--log-level",
             "warning",
+            # A worker whose harness is gone (even killed outright) stops by itself.
+            "--parent-pid",
+            str(os.getpid()),
         ]
         base = {key: value for key, value in os.environ.items() if not key.startswith("QUEUE_")}
         self.env = {**base, **settings_env(settings)}
@@ -775,7 +778,18 @@ def chaos_command(
         def say(line: str) -> None:
             typer.echo(line, err=True)
 
-        report = asyncio.run(run_chaos(config, say=say))
+        async def main() -> ChaosReport:
+            # SIGTERM ends the run as Ctrl-C does: the workers are stopped on the way out.
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            return await run_chaos(config, say=say)
+
+        try:
+            report = asyncio.run(main())
+        except asyncio.CancelledError:
+            typer.echo("error: the chaos run was stopped; its workers were stopped too", err=True)
+            raise typer.Exit(128 + signal.SIGTERM) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
