@@ -51,12 +51,16 @@ def assert_figures(result: dict[str, Any], plan: dict[str, Any]) -> None:
     assert rss["jobs"] == plan["processed"][str(plan["rss_concurrency"])], name
     assert min(rss["start_kb"], rss["warm_kb"], rss["end_kb"]) > 0, name
     assert rss["peak_kb"] >= rss["end_kb"], name
+    assert len(result["phase_s"]) == 4 + len(plan["processed"]), name
 
 
 @pytest.mark.timeout(180)
 def test_quick_run_reports_every_figure_of_every_available_system(tmp_path: Path) -> None:
     report_path = tmp_path / "bench" / "quick.json"
-    done = run_corral("bench", "--quick", "--json", str(report_path))
+    markdown_path = tmp_path / "bench" / "quick.md"
+    done = run_corral(
+        "bench", "--quick", "--json", str(report_path), "--markdown", str(markdown_path)
+    )
     assert done.returncode == 0, done.stderr + done.stdout
 
     report = json.loads(report_path.read_text())
@@ -84,6 +88,9 @@ def test_quick_run_reports_every_figure_of_every_available_system(tmp_path: Path
 
     assert "corral-sqlite" in done.stdout
     assert "targets and ratios" in done.stdout
+    markdown = markdown_path.read_text()
+    assert "| | " + " | ".join(SYSTEMS) + " |" in markdown
+    assert "| enqueue 1 by 1 /s |" in markdown
 
 
 def test_systems_can_be_chosen_and_unknown_ones_are_refused() -> None:

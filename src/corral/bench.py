@@ -21,7 +21,7 @@ Method, the same for every system:
   worker are two processes. In process: one process runs both. Random pauses between samples let
   the worker go back to idle; the first sample is a warm-up and is dropped.
 - Worker RSS: the worker process reads its own ``VmRSS`` at start, after a warm-up count of jobs
-  and after the last job of the concurrency-10 run (100,000 jobs in the full run).
+  and after the last job of the concurrency-50 run (100,000 jobs in the full run).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ from corral.settings import QueueSettings, redact_url
 SCHEMA = "corral-bench/1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 JOB_NAME = "noop"
+BUSY_LOAD = 0.5
 
 SYSTEMS: dict[str, str] = {
     "corral-sqlite": "corral, SQLite backend",
@@ -122,16 +123,16 @@ class Plan:
 
 FULL = Plan(
     mode="full",
-    enqueue_one=20_000,
-    enqueue_bulk=100_000,
+    enqueue_one=10_000,
+    enqueue_bulk=50_000,
     bulk_batch=1_000,
-    processed={1: 20_000, 10: 100_000, 50: 50_000},
-    rss_concurrency=10,
+    processed={1: 5_000, 10: 20_000, 50: 100_000},
+    rss_concurrency=50,
     warm_jobs=2_000,
-    idle_samples=200,
-    idle_in_process_samples=100,
-    idle_gap_ms=(50, 200),
-    max_phase_s=150.0,
+    idle_samples=100,
+    idle_in_process_samples=50,
+    idle_gap_ms=(20, 100),
+    max_phase_s=120.0,
 )
 
 QUICK = Plan(
@@ -140,7 +141,7 @@ QUICK = Plan(
     enqueue_bulk=2_000,
     bulk_batch=500,
     processed={1: 300, 10: 1_000, 50: 1_000},
-    rss_concurrency=10,
+    rss_concurrency=50,
     warm_jobs=100,
     idle_samples=8,
     idle_in_process_samples=8,
@@ -191,6 +192,8 @@ class SystemResult:
     rss: Memory | None = None
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    phase_s: dict[str, float] = field(default_factory=dict)
+    """Wall time of each phase, set-up and clean-up included (to plan a run's length)."""
 
 
 @dataclass(slots=True)
@@ -955,12 +958,14 @@ class Bench:
         try:
             for title, phase in phases:
                 self.progress.update(task, description=f"{system}: {title}")
+                began = time.monotonic()
                 try:
                     phase(producer)
                 except Unsupported as exc:
                     result.notes.append(f"{title}: {exc}")
                 except Exception as exc:
                     result.errors.append(f"{title}: {exc}")
+                result.phase_s[title] = round(time.monotonic() - began, 1)
                 self.progress.advance(task)
         finally:
             producer.finish()
@@ -1217,13 +1222,9 @@ def _key(item: tuple[str, float]) -> int:
     return int(item[0]) if item[0].isdigit() else 0
 
 
-def results_table(results: dict[str, SystemResult], plan: Plan) -> Table:
-    """The figures: one column per system, one row per measurement."""
+def figure_rows(results: dict[str, SystemResult], plan: Plan) -> list[tuple[str, list[str]]]:
+    """The figures as (measurement, one cell per system) rows."""
     rss_jobs = plan.processed[plan.rss_concurrency]
-    table = Table(title=f"corral bench ({plan.mode} run)", title_justify="left")
-    table.add_column("")
-    for system in results:
-        table.add_column(system, justify="right")
     rows: list[tuple[str, Callable[[SystemResult], str]]] = [
         ("enqueue 1 by 1 /s", lambda r: _fmt_rate(r.enqueue_one_per_s)),
         (f"enqueue bulk /s (x{plan.bulk_batch})", lambda r: _fmt_rate(r.enqueue_bulk_per_s)),
@@ -1237,11 +1238,54 @@ def results_table(results: dict[str, SystemResult], plan: Plan) -> Table:
     rows.append(
         (f"worker RSS MB {rss_jobs:,} jobs", lambda r: _fmt_mb(r.rss.end_kb if r.rss else None))
     )
-    for title, cell in rows:
-        table.add_row(
-            title, *(cell(r) if r.available else "not installed" for r in results.values())
-        )
+    return [
+        (title, [cell(r) if r.available else "not installed" for r in results.values()])
+        for title, cell in rows
+    ]
+
+
+def results_table(results: dict[str, SystemResult], plan: Plan) -> Table:
+    """The figures: one column per system, one row per measurement."""
+    table = Table(title=f"corral bench ({plan.mode} run)", title_justify="left")
+    table.add_column("")
+    for system in results:
+        table.add_column(system, justify="right")
+    for title, cells in figure_rows(results, plan):
+        table.add_row(title, *cells)
     return table
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The tables of a report as Markdown (the form docs/performance.md keeps them in)."""
+    results, plan = report_from_json(report)
+    machine = report["machine"]
+    load = machine["load_avg_1m"]
+    lines = [
+        f"{report['date']}, {report['mode']} run, {machine['cpus']} cores ({machine['cpu']}), "
+        f"{machine['os']}, Python {machine['python']}, SQLite {machine['sqlite']}, "
+        f"Redis {machine['redis'] or '-'}, Node {machine['node'] or '-'}; "
+        f"load average {load['before']} before, {load['after']} after; {report['duration_s']}s.",
+        "",
+        "| | " + " | ".join(results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
+    lines.append(
+        "| version | "
+        + " | ".join(
+            (r.version or r.reason or "") if r.available else "not installed"
+            for r in results.values()
+        )
+        + " |"
+    )
+    for title, cells in figure_rows(results, plan):
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    checks = [Check(**raw) for raw in report["checks"]]
+    if checks:
+        lines += ["", "| check | measured | target | |", "|---|---:|---:|:---:|"]
+        for check in checks:
+            mark = "" if check.met is None else ("ok" if check.met else "**no**")
+            lines.append(f"| {check.check} | {check.measured} | {check.target} | {mark} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt_processed(concurrency: int, result: SystemResult) -> str:
@@ -1281,6 +1325,7 @@ def machine_info(env: Environment) -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
         "cpu": cpu,
         "os": f"{platform.system()} {platform.release()}",
@@ -1365,6 +1410,7 @@ def run_bench(
         node_modules=modules,
         node_bullmq=_node_bullmq_version(modules),
     )
+    machine = machine_info(env)  # before the run: the load average says if the machine is idle
     results: dict[str, SystemResult] = {}
     runnable: list[tuple[str, str]] = []
     for system in chosen:
@@ -1398,12 +1444,14 @@ def run_bench(
             with contextlib.suppress(Exception):
                 _redis_client(url).shutdown(nosave=True)
     checks = build_checks(results)
+    load_before = machine["load_avg_1m"]
+    machine["load_avg_1m"] = {"before": load_before, "after": round(os.getloadavg()[0], 2)}
     return {
         "schema": SCHEMA,
         "mode": plan.mode,
         "date": started_at.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - began, 1),
-        "machine": machine_info(env),
+        "machine": machine,
         "plan": {
             "enqueue_one": plan.enqueue_one,
             "enqueue_bulk": plan.enqueue_bulk,
@@ -1437,13 +1485,22 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     """The tables of a report, with the errors and notes under them."""
     results, plan = report_from_json(report)
     machine = report["machine"]
+    load = machine["load_avg_1m"]
     console.print(
         f"{report['date']} · {machine['cpus']} cores ({machine['cpu']}) · Python "
         f"{machine['python']} · SQLite {machine['sqlite']} · Redis {machine['redis'] or '—'} · "
-        f"Node {machine['node'] or '—'} · {report['duration_s']}s",
+        f"Node {machine['node'] or '—'} · {report['duration_s']}s · load average "
+        f"{load['before']} before, {load['after']} after",
         markup=False,
         highlight=False,
     )
+    if isinstance(load["before"], float | int) and load["before"] > BUSY_LOAD:
+        console.print(
+            f"note: the machine was busy before the run (load average {load['before']}); "
+            "figures from a busy machine do not compare with others",
+            markup=False,
+            highlight=False,
+        )
     console.print(results_table(results, plan))
     checks = [Check(**raw) for raw in report["checks"]]
     if checks:
@@ -1490,6 +1547,12 @@ def bench_command(
         Path | None,
         typer.Option("--json", metavar="PATH", help="Also write the results as JSON to this file"),
     ] = None,
+    markdown_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--markdown", metavar="PATH", help="Also write the tables as Markdown to this file"
+        ),
+    ] = None,
     redis_url: Annotated[
         str | None,
         typer.Option(
@@ -1519,6 +1582,9 @@ def bench_command(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown_report(report), encoding="utf-8")
     if any(raw["errors"] for raw in report["systems"].values()):
         raise typer.Exit(1)
 
