@@ -53,6 +53,7 @@ def test_sigkilled_workers_lose_no_job(backend_kind: str, request: pytest.Fixtur
     assert report["in_flight_at_kills"] > 0
     assert report["extra_completions"] <= report["in_flight_at_kills"]
     assert report["executions"] == 1000 + report["extra_completions"]
+    assert 0 <= report["extra_after_kills"] <= report["extra_completions"]
     assert len({kill["pid"] for kill in report["kill_log"]}) == 3  # restarted workers are new
 
 
@@ -89,6 +90,7 @@ def test_ledger_follows_partial_lines_and_tracks_running_jobs(tmp_path: Path) ->
     assert ledger.starts == {"1": 1, "2": 1, "3": 1}
     assert ledger.dones == {"1": 2, "2": 1}
     assert ledger.malformed == 1
+    assert ledger.done_pids({"1", "2", "9"}) == {"1": [100, 200], "2": [200], "9": []}
     ledger.forget(100)
     assert ledger.running(100) == set() and ledger.recently_done(100, 0) == set()
 
@@ -96,8 +98,8 @@ def test_ledger_follows_partial_lines_and_tracks_running_jobs(tmp_path: Path) ->
 def test_report_verdicts() -> None:
     base: dict[str, Any] = dict(
         backend="sqlite", enqueued=10, completed=10, executed=10, executions=12, lost=0,
-        duplicated=2, extra_completions=2, stuck_active=0, failed=0, unexpected=0,
-        completed_not_executed=0, kills=[Kill(1.0, 42, 2)], worker_crashes=0,
+        duplicated=2, extra_completions=2, extra_after_kills=2, stuck_active=0, failed=0,
+        unexpected=0, completed_not_executed=0, kills=[Kill(1.0, 42, 2)], worker_crashes=0,
         in_flight_at_kills=2, duration_s=1.0, drained=True,
     )  # fmt: skip
     assert ChaosReport(**base).ok

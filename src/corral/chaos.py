@@ -167,6 +167,9 @@ class ChaosReport:
     """Jobs done more than once per the ledger."""
     extra_completions: int
     """Completions beyond the first, summed over the duplicated jobs."""
+    extra_after_kills: int
+    """Extra completions whose earlier run was on a worker that was then killed (or crashed);
+    the others come from leases lost by live workers (a lease too short for the load)."""
     stuck_active: int
     failed: int
     unexpected: int
@@ -277,6 +280,17 @@ class Ledger:
     def recently_done(self, pid: int, since_ns: int) -> set[str]:
         """Jobs ``pid`` finished at or after ``since_ns`` (within the recent window)."""
         return {job for at_ns, job in self._recent_done.get(pid, ()) if at_ns >= since_ns}
+
+    def done_pids(self, jobs: set[str]) -> dict[str, list[int]]:
+        """The pids that finished each of ``jobs``, in ledger order (re-reads the file)."""
+        found: dict[str, list[int]] = {job: [] for job in jobs}
+        with open(self.path, "rb") as ledger:
+            for raw in ledger:
+                parts = raw.decode("utf-8", "replace").split()
+                if len(parts) == 5 and parts[0] == "done" and parts[1] in found:
+                    with contextlib.suppress(ValueError):
+                        found[parts[1]].append(int(parts[3]))
+        return found
 
     def forget(self, pid: int) -> None:
         """Drop what is known about a dead process (its pid may be reused)."""
@@ -444,6 +458,7 @@ class _Run:
         self.enqueued: list[str] = []
         self.kills: list[Kill] = []
         self.crashes = 0
+        self.dead_pids: set[int] = set()
         self.in_flight_at_crashes = 0
         self.started = time.monotonic()
 
@@ -488,6 +503,7 @@ class _Run:
     async def restart_crashed(self) -> None:
         for slot, pid, code in self.fleet.reap():
             self.crashes += 1
+            self.dead_pids.add(pid)
             self.in_flight_at_crashes += await self.in_flight(pid, time.time_ns())
             self.say(f"worker pid {pid} exited on its own (code {code}); restarting it")
             self.fleet.start(slot)
@@ -499,6 +515,7 @@ class _Run:
         slot = self.rng.choice(slots)
         at_s = self.elapsed()
         pid = self.fleet.kill(slot)
+        self.dead_pids.add(pid)
         in_flight = await self.in_flight(pid, time.time_ns())
         self.fleet.start(slot)
         self.kills.append(Kill(round(at_s, 3), pid, in_flight))
@@ -574,6 +591,10 @@ class _Run:
         seen = set(dones) | set(self.ledger.starts)
         lost = sorted(enqueued - completed, key=_id_order)
         duplicated = sorted((job for job, n in dones.items() if n > 1), key=_id_order)
+        runs = self.ledger.done_pids(set(duplicated))
+        after_kills = sum(
+            sum(1 for pid in pids[:-1] if pid in self.dead_pids) for pids in runs.values()
+        )
         unexpected = sorted(seen - enqueued, key=_id_order)
         phantom = sorted(completed - set(dones), key=_id_order)
         config = self.config
@@ -586,6 +607,7 @@ class _Run:
             lost=len(lost),
             duplicated=len(duplicated),
             extra_completions=sum(dones[job] - 1 for job in duplicated),
+            extra_after_kills=after_kills,
             stuck_active=counts[JobState.ACTIVE],
             failed=counts[JobState.FAILED],
             unexpected=len(unexpected),
@@ -688,6 +710,7 @@ def report_table(report: ChaosReport) -> Table:
         ("lost", report.lost),
         ("duplicated", report.duplicated),
         ("extra completions", report.extra_completions),
+        ("  of them after a kill", report.extra_after_kills),
         ("stuck active", report.stuck_active),
         ("failed", report.failed),
         ("unexpected (never enqueued)", report.unexpected),
