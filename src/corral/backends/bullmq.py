@@ -594,6 +594,83 @@ class _Wait:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _AutoPipeline:
+    """Send the script calls made during one event-loop turn as one pipeline (what ioredis's
+    auto-pipelining does for Node's workers): many slots finishing at once cost one round trip.
+
+    Each call is still its own atomic script; only the transport is shared.
+    """
+
+    def __init__(self, backend: BullMQBackend) -> None:
+        self.backend = backend
+        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((self.backend._commands[script], keys, args, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush_soon)
+        return await future
+
+    def _flush_soon(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if len(batch) == 1:
+            script, keys, args, future = batch[0]
+            try:
+                result = await script(keys=keys, args=args)
+            except BaseException as exc:  # handed to the caller, who wraps it
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+            return
+        client = self.backend._connect()
+        try:
+            results = await self._send(client, batch)
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    @staticmethod
+    async def _send(client: aioredis.Redis, batch: list[Any]) -> list[Any]:
+        results = await _AutoPipeline._evalsha(client, batch)
+        retry = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
+        if retry:
+            # Redis restarted or flushed its scripts: those calls did not run. Load, resend.
+            for script in {id(item[0]): item[0] for item in batch}.values():
+                await client.script_load(script.script)
+            again = await _AutoPipeline._evalsha(client, [batch[i] for i in retry])
+            for index, result in zip(retry, again, strict=True):
+                results[index] = result
+        return results
+
+    @staticmethod
+    async def _evalsha(client: aioredis.Redis, batch: list[Any]) -> list[Any]:
+        # EVALSHA directly: redis-py's script objects would add a SCRIPT EXISTS round trip.
+        async with client.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+
 class _Source(PullSource):
     """The worker side of a BullMQBackend, over the package's Lua scripts."""
 
@@ -617,6 +694,7 @@ class _Source(PullSource):
         # Jobs moveToFinished handed over with the previous job's result (Node's fetch-next):
         # leased already, given out by the next claim().
         self._prefetched: list[Claim] = []
+        self._pipeline = _AutoPipeline(backend)
         rate = self.settings.rate_limit_max
         self._limiter = (
             {"max": rate, "duration": max(1, round(self.settings.rate_limit_duration_s * 1000))}
@@ -799,7 +877,7 @@ class _Source(PullSource):
                     code = self._take_next(claim.token, code)
             else:
                 assert isinstance(outcome, Released)
-                code = await self.backend._run(
+                code = await self._pipeline.call(
                     "moveJobFromActiveToWait",
                     [self.keys[n] for n in _RELEASE_KEYS],
                     [claim.job_id, claim.token, self.backend._job_key(claim.job_id)],
@@ -828,7 +906,7 @@ class _Source(PullSource):
         next job in the same call (fetch-next) unless the worker is stopping."""
         fetch_next = not self.stop.is_set() and self._limit_until_ms <= now
         keys, args = self._finish_call(claim, delivery, target, value, now, fields, fetch_next)
-        return await self.backend._run("moveToFinished", keys, args)
+        return await self._pipeline.call("moveToFinished", keys, args)
 
     def _take_next(self, token: str, result: Any) -> Any:
         """Keep the job a fetch-next moveToFinished leased (under ``token``); return the code."""
@@ -899,11 +977,11 @@ class _Source(PullSource):
             keys, args = scripts.moveToDelayedArgs(
                 claim.job_id, now, claim.token, outcome.delay_ms, {"fieldsToUpdate": fields}
             )
-            return await self.backend._run("moveToDelayed", keys, args)
+            return await self._pipeline.call("moveToDelayed", keys, args)
         keys, args = scripts.retryJobArgs(
             claim.job_id, bool(delivery.opts.get("lifo")), claim.token, {"fieldsToUpdate": fields}
         )
-        return await self.backend._run("retryJob", keys, args)
+        return await self._pipeline.call("retryJob", keys, args)
 
     async def _fail_with_dead_letter(
         self,
