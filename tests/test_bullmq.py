@@ -511,6 +511,34 @@ async def test_close_and_stop_return_while_redis_is_down(scratch_redis: ScratchR
     assert time.monotonic() - t0 < 5
 
 
+async def test_worker_survives_redis_forgetting_its_scripts(scratch_redis: ScratchRedis) -> None:
+    """After SCRIPT FLUSH (or a Redis restart) the pipelined EVALSHA calls reload the scripts."""
+    port = scratch_redis()
+    settings = QueueSettings(
+        backend="bullmq", name=unique_queue_name(), redis_url=f"redis://{REDIS_HOST}:{port}/0"
+    )
+    async with QueueService(settings) as service:
+        done: list[int] = []
+
+        @service.handler("n")
+        async def n(message: QueueMessage) -> None:
+            done.append(message.data)
+
+        worker = asyncio.create_task(service.start_worker(concurrency=8))
+        try:
+            await service.enqueue_many([{"name": "n", "data": i} for i in range(50)])
+            await wait_for(all_finished(service, 50))
+            with redis.Redis(host=REDIS_HOST, port=port) as admin:
+                await asyncio.to_thread(admin.script_flush)
+            await service.enqueue_many([{"name": "n", "data": i} for i in range(50, 100)])
+            await wait_for(all_finished(service, 100))
+        finally:
+            service.stop()
+            await asyncio.wait_for(worker, 10)
+        assert sorted(done) == list(range(100))
+        assert (await service.counts())[JobState.FAILED] == 0
+
+
 async def test_user_password_and_database_come_from_the_url(
     scratch_redis: ScratchRedis,
 ) -> None:
