@@ -12,7 +12,9 @@ corral does not run the package's ``Worker``. :class:`_Source` drives the same s
 consumer loop, which avoids the package worker's defects: it blocks on the queue's ``marker`` key
 with ``BZPOPMIN`` on a dedicated connection like Node does (millisecond pickup, delays and backoffs
 to the millisecond), honours the limiter's wait, and names that connection as Node names its
-workers so ``Queue.getWorkers()`` (and Bull Board) list corral workers.
+workers so ``Queue.getWorkers()`` (and Bull Board) list corral workers. Like Node's worker it takes
+the next job from ``moveToFinished`` (fetch-next) and sends the scripts of slots that finish
+together in one round trip (ioredis's auto-pipelining).
 
 Redis layout for prefix ``bull`` and queue ``q`` (all BullMQ's): the job hash ``bull:q:<id>``
 (``name``, ``data``, ``opts``, ``timestamp``, ``atm`` = attempts made, ``returnvalue``,
