@@ -66,6 +66,7 @@ def test_quick_run_reports_every_figure_of_every_available_system(tmp_path: Path
     report = json.loads(report_path.read_text())
     assert report["schema"] == SCHEMA
     assert report["mode"] == "quick"
+    assert report["corral"]["version"]
     assert report["duration_s"] > 0
     assert report["machine"]["cpus"] >= 1
     assert list(report["systems"]) == list(SYSTEMS)

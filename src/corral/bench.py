@@ -1255,13 +1255,24 @@ def results_table(results: dict[str, SystemResult], plan: Plan) -> Table:
     return table
 
 
+def _revision_text(report: dict[str, Any]) -> str:
+    corral = report.get("corral") or {}
+    text = f"corral {corral.get('version', '?')}"
+    if corral.get("commit"):
+        text += f" at {corral['commit']}" + (
+            " with uncommitted edits in src" if corral["dirty"] else ""
+        )
+    return text
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     """The tables of a report as Markdown (the form docs/performance.md keeps them in)."""
     results, plan = report_from_json(report)
     machine = report["machine"]
     load = machine["load_avg_1m"]
     lines = [
-        f"{report['date']}, {report['mode']} run, {machine['cpus']} cores ({machine['cpu']}), "
+        f"{report['date']}, {report['mode']} run of {_revision_text(report)}, "
+        f"{machine['cpus']} cores ({machine['cpu']}), "
         f"{machine['os']}, Python {machine['python']}, SQLite {machine['sqlite']}, "
         f"Redis {machine['redis'] or '-'}, Node {machine['node'] or '-'}; "
         f"load average {load['before']} before, {load['after']} after; {report['duration_s']}s.",
@@ -1334,6 +1345,33 @@ def machine_info(env: Environment) -> dict[str, Any]:
         "redis": env.redis_version,
         "node": env.node,
     }
+
+
+def source_revision() -> dict[str, Any]:
+    """corral's version and, in a git checkout, its commit and whether ``src`` has edits."""
+    found: dict[str, Any] = {"version": __version__, "commit": None, "dirty": None}
+    git = shutil.which("git")
+    if git is None or not (_REPO_ROOT / ".git").exists():
+        return found
+    try:
+        head = subprocess.run(
+            [git, "-C", str(_REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        status = subprocess.run(
+            [git, "-C", str(_REPO_ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return found
+    if head.returncode == 0:
+        found["commit"] = head.stdout.strip()
+        found["dirty"] = bool(status.stdout.strip())
+    return found
 
 
 def _node_version() -> str | None:
@@ -1411,6 +1449,7 @@ def run_bench(
         node_bullmq=_node_bullmq_version(modules),
     )
     machine = machine_info(env)  # before the run: the load average says if the machine is idle
+    revision = source_revision()
     results: dict[str, SystemResult] = {}
     runnable: list[tuple[str, str]] = []
     for system in chosen:
@@ -1449,6 +1488,7 @@ def run_bench(
     return {
         "schema": SCHEMA,
         "mode": plan.mode,
+        "corral": revision,
         "date": started_at.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - began, 1),
         "machine": machine,
@@ -1487,7 +1527,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     machine = report["machine"]
     load = machine["load_avg_1m"]
     console.print(
-        f"{report['date']} · {machine['cpus']} cores ({machine['cpu']}) · Python "
+        f"{report['date']} · {_revision_text(report)} · {machine['cpus']} cores "
+        f"({machine['cpu']}) · Python "
         f"{machine['python']} · SQLite {machine['sqlite']} · Redis {machine['redis'] or '—'} · "
         f"Node {machine['node'] or '—'} · {report['duration_s']}s · load average "
         f"{load['before']} before, {load['after']} after",
