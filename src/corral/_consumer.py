@@ -77,7 +77,7 @@ async def consume(
     held: set[Claim] = set()  # claimed and not yet settled: buffered or running
     running: dict[Claim, asyncio.Task[Any]] = {}
     slot_free = asyncio.Event()
-    errors = _ErrorPacer()
+    errors = _ErrorPacer(stop)
 
     async def settle(claim: Claim, outcome: Outcome) -> None:
         try:
@@ -220,8 +220,9 @@ class _ErrorPacer:
     """Swallow storage errors in the loop with a growing pause and a bounded number of log lines,
     so an outage gives a few clear lines and a prompt recovery, not a traceback storm."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: asyncio.Event) -> None:
         self.failures = 0
+        self.stop = stop
 
     def ok(self) -> None:
         if self.failures:
@@ -244,5 +245,7 @@ class _ErrorPacer:
                 logger.error(
                     "storage still failing while %s (%d attempts): %s", doing, self.failures, exc
                 )
-            await asyncio.sleep(pause_s)
+            # Paced, but a stop request during an outage is honoured at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), pause_s)
             return None
