@@ -346,7 +346,7 @@ class SQLiteBackend(QueueBackend):
     async def start_consuming(
         self, dispatch: Dispatch, *, concurrency: int, stop: asyncio.Event, burst: bool = False
     ) -> None:
-        source = _Source(self)
+        source = _Source(self, stop)
         with _waiters_lock:
             _waiters.setdefault(self._key, weakref.WeakSet()).add(source)
         try:
@@ -359,6 +359,7 @@ class SQLiteBackend(QueueBackend):
                 shutdown_grace_s=self.settings.shutdown_grace_s,
             )
         finally:
+            await source.release_prefetched()
             with _waiters_lock:
                 _waiters.get(self._key, weakref.WeakSet()).discard(source)
 
@@ -527,8 +528,10 @@ _INSERT = (
 class _Source(PullSource):
     """The worker side of one SQLiteBackend: claims, settles and housekeeping."""
 
-    def __init__(self, backend: SQLiteBackend) -> None:
+    def __init__(self, backend: SQLiteBackend, stop: asyncio.Event | None = None) -> None:
         self.backend = backend
+        self._stop = stop if stop is not None else asyncio.Event()
+        self._prefetched: list[Claim] = []
         self.settings = backend.settings
         self.queue = backend.queue_name
         self.lease_s = self.settings.lease_s
@@ -544,38 +547,51 @@ class _Source(PullSource):
     # Claiming ---------------------------------------------------------------------------
 
     async def claim(self, max_jobs: int) -> list[Claim]:
+        if self._prefetched:
+            claims = self._prefetched[:max_jobs]
+            del self._prefetched[:max_jobs]
+            return claims
         now = _now_ms()
-        token = secrets.token_hex(8)
-        lease_until = now + self.lease_ms
-        queue = self.queue
         # A read needs no lock: only take the write lock when there is something to claim,
         # so idle workers woken by other queues' commits do not contend with producers.
-        if not self.backend._read(_READY_SQL, (queue, queue, now)):
+        if not self.backend._read(_READY_SQL, (self.queue, self.queue, now)):
             return []
+        token = secrets.token_hex(8)
+        rows = await self.backend._write(lambda conn: self._take(conn, now, token, max_jobs))
+        return self._claims(rows, token)
 
-        def take(conn: sqlite3.Connection) -> list[Any]:
-            conn.execute(
-                "UPDATE jobs SET state = 'waiting' WHERE queue = ? AND state = 'delayed' "
-                "AND run_at <= ?",
-                (queue, now),
-            )
-            paused = conn.execute("SELECT paused FROM queues WHERE name = ?", (queue,)).fetchone()
-            if paused is not None and paused[0]:
-                return []
-            return conn.execute(
-                "UPDATE jobs SET state = 'active', lease_token = ?, lease_expires_at = ?, "
-                "started_at = ? WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
-                "state = 'waiting' ORDER BY priority, run_at, seq LIMIT ?) RETURNING "
-                "seq, custom_id, name, data, attempts_made, max_attempts, priority, "
-                "enqueued_at, backoff, run_at",
-                (token, lease_until, now, queue, max_jobs),
-            ).fetchall()
+    def _take(self, conn: sqlite3.Connection, now: int, token: str, max_jobs: int) -> list[Any]:
+        """Promote due delayed jobs and lease up to ``max_jobs`` waiting ones (in a transaction)."""
+        queue = self.queue
+        conn.execute(
+            "UPDATE jobs SET state = 'waiting' WHERE queue = ? AND state = 'delayed' "
+            "AND run_at <= ?",
+            (queue, now),
+        )
+        paused = conn.execute("SELECT paused FROM queues WHERE name = ?", (queue,)).fetchone()
+        if paused is not None and paused[0]:
+            return []
+        return conn.execute(
+            "UPDATE jobs SET state = 'active', lease_token = ?, lease_expires_at = ?, "
+            "started_at = ? WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
+            "state = 'waiting' ORDER BY priority, run_at, seq LIMIT ?) RETURNING "
+            "seq, custom_id, name, data, attempts_made, max_attempts, priority, "
+            "enqueued_at, backoff, run_at",
+            (token, now + self.lease_ms, now, queue, max_jobs),
+        ).fetchall()
 
-        rows = await self.backend._write(take)
+    def _claims(self, rows: list[Any], token: str) -> list[Claim]:
         # A foreign row may hold text where numbers belong: it must not break the sort (and
         # with it the whole batch); _claim fails it as unreadable.
         rows.sort(key=lambda r: (_int_or_zero(r[6]), _int_or_zero(r[9]), r[0]))
         return [self._claim(row, token) for row in rows]
+
+    async def release_prefetched(self) -> None:
+        """Give back jobs fetched ahead that no slot took (at shutdown)."""
+        while self._prefetched:
+            claim = self._prefetched.pop()
+            with contextlib.suppress(Exception):
+                await self.settle(claim, Released())
 
     def _claim(self, row: Sequence[Any], token: str) -> Claim:
         (
@@ -667,10 +683,21 @@ class _Source(PullSource):
         batch, self._pending = self._pending, []
         self._flush_scheduled = False
         now = _now_ms()
+        # Fetch-next: each finished job frees a slot, so the same transaction leases the job to
+        # run next (one commit per job instead of two, as BullMQ's moveToFinished does).
+        freed = sum(1 for _, outcome, _ in batch if not isinstance(outcome, Released))
+        fetch = freed if freed and not self._stop.is_set() else 0
+        token = secrets.token_hex(8)
+        fetched: list[Any] = []
+
+        def apply_all(conn: sqlite3.Connection) -> list[bool]:
+            kept = [self._apply(conn, claim, outcome, now) for claim, outcome, _ in batch]
+            if fetch:
+                fetched.extend(self._take(conn, now, token, fetch))
+            return kept
+
         try:
-            kept = await self.backend._write(
-                lambda conn: [self._apply(conn, claim, outcome, now) for claim, outcome, _ in batch]
-            )
+            kept = await self.backend._write(apply_all)
         except BaseException as exc:
             for _, _, future in batch:
                 if not future.done():
@@ -678,6 +705,8 @@ class _Source(PullSource):
             if not isinstance(exc, Exception):
                 raise
             return
+        if fetched:
+            self._prefetched.extend(self._claims(fetched, token))
         for (_, _, future), ok in zip(batch, kept, strict=True):
             if not future.done():
                 future.set_result(ok)
@@ -767,7 +796,7 @@ class _Source(PullSource):
         now = _now_ms()
         until = now + self.lease_ms
         by_token: dict[str, list[Claim]] = {}
-        for claim in claims:
+        for claim in (*claims, *self._prefetched):  # fetched ahead: leased, not yet running
             by_token.setdefault(claim.token, []).append(claim)
 
         def renew(conn: sqlite3.Connection) -> list[Claim]:
@@ -787,7 +816,11 @@ class _Source(PullSource):
                 lost.extend(c for c in group if c.extra not in kept)
             return lost
 
-        return await self.backend._write(renew)
+        lost = await self.backend._write(renew)
+        if lost and self._prefetched:
+            gone = set(lost)
+            self._prefetched = [c for c in self._prefetched if c not in gone]
+        return lost
 
     async def maintain(self) -> None:
         if time.monotonic() - self._last_maintain < min(MAINTAIN_EVERY_S, self.lease_s / 3):
