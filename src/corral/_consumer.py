@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.errors import LeaseLostError
+from corral.errors import BackendConnectionError, LeaseLostError
 from corral.message import Dispatch, Failed, Outcome, QueueMessage, Released
 
 logger = logging.getLogger("corral.worker")
@@ -84,6 +84,13 @@ async def consume(
             await source.settle(claim, outcome)
         except LeaseLostError as exc:
             logger.warning("job %s: %s", claim.job_id, exc)
+        except BackendConnectionError as exc:
+            # An outage fails every running job's settle at once: one line for the outage.
+            errors.failed(
+                f"recording the outcome of job {claim.job_id}",
+                exc,
+                then="jobs whose outcome was lost run again once their lease expires",
+            )
         except Exception:
             # The lease will expire and the job will be delivered again: at-least-once holds.
             logger.exception(
@@ -216,12 +223,16 @@ async def _first(*aws: Any) -> None:
                 task.cancel()
 
 
+_MAX_PAUSE_S = 2.0  # the longest pause between retries: a worker resumes this soon after an outage
+
+
 class _ErrorPacer:
     """Swallow storage errors in the loop with a growing pause and a bounded number of log lines,
     so an outage gives a few clear lines and a prompt recovery, not a traceback storm."""
 
     def __init__(self, stop: asyncio.Event) -> None:
-        self.failures = 0
+        self.failures = 0  # failed calls since the storage last answered
+        self.retries = 0  # paced retries among them: sets the pause
         self.stop = stop
 
     def ok(self) -> None:
@@ -230,6 +241,19 @@ class _ErrorPacer:
                 "storage reachable again after %d failed call(s); resuming", self.failures
             )
         self.failures = 0
+        self.retries = 0
+
+    def failed(self, doing: str, exc: Exception, then: str = "retrying with backoff") -> None:
+        """Count a failed call; log the first of an outage and every 20th, without traceback."""
+        self.failures += 1
+        if self.failures == 1:
+            logger.error("storage error while %s: %s; %s", doing, exc, then)
+        elif self.failures % 20 == 0:
+            logger.error(
+                "storage still failing while %s (%d attempts): %s", doing, self.failures, exc
+            )
+        else:
+            logger.debug("storage error while %s: %s", doing, exc)
 
     async def guard(self, coro: Any, doing: str) -> Any:
         try:
@@ -237,14 +261,9 @@ class _ErrorPacer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.failures += 1
-            pause_s = min(0.1 * 2 ** min(self.failures - 1, 6), 5.0)
-            if self.failures == 1:
-                logger.error("storage error while %s: %s; retrying with backoff", doing, exc)
-            elif self.failures % 20 == 0:
-                logger.error(
-                    "storage still failing while %s (%d attempts): %s", doing, self.failures, exc
-                )
+            self.failed(doing, exc)
+            self.retries += 1
+            pause_s = min(0.1 * 2 ** min(self.retries - 1, 6), _MAX_PAUSE_S)
             # Paced, but a stop request during an outage is honoured at once.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), pause_s)
