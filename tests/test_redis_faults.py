@@ -80,6 +80,12 @@ class AofRedis:
             admin.recv(16)
         self.process.wait(10)
 
+    def terminate(self) -> None:
+        """SIGTERM: Redis shuts down as on SHUTDOWN, writing the append-only file first."""
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(10)
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -141,8 +147,9 @@ def start_worker(env: dict[str, str], stderr_path: Path) -> subprocess.Popen[byt
         )
 
 
+@pytest.mark.parametrize("how", ["shutdown", "sigterm"])
 async def test_worker_and_producer_ride_out_a_redis_restart(
-    aof_redis: AofRedis, tmp_path: Path
+    aof_redis: AofRedis, tmp_path: Path, how: str
 ) -> None:
     name = unique_queue_name("restart")
     ledger = Ledger(tmp_path / "ledger.txt")
@@ -204,7 +211,9 @@ async def test_worker_and_producer_ride_out_a_redis_restart(
                 await until(15, lambda: len(ledger.done()) >= 20)  # the worker is running
                 await asyncio.sleep(0.5)
                 before = len(acknowledged)
-                await asyncio.to_thread(aof_redis.shutdown)
+                await asyncio.to_thread(
+                    aof_redis.shutdown if how == "shutdown" else aof_redis.terminate
+                )
                 await asyncio.sleep(OUTAGE_S)
                 await asyncio.to_thread(aof_redis.start)
                 back = time.monotonic()
@@ -246,3 +255,42 @@ async def test_worker_and_producer_ride_out_a_redis_restart(
     assert len(errors) < MAX_ERROR_LINES, "\n".join(errors)
     assert tracebacks == [], "\n".join(log)
     assert worker.returncode == 0, "\n".join(log[-20:])
+
+
+async def test_an_idle_worker_resumes_after_a_restart(aof_redis: AofRedis, tmp_path: Path) -> None:
+    """The worker sits in its blocking pop when Redis goes away and comes back."""
+    name = unique_queue_name("idle")
+    trace = tmp_path / "trace.txt"
+    stderr_path = tmp_path / "worker.stderr"
+    env = python_env(QUEUE_BACKEND="bullmq", QUEUE_REDIS_URL=aof_redis.url, QUEUE_NAME=name)
+    settings = QueueSettings(backend="bullmq", redis_url=aof_redis.url, name=name)
+    worker = start_worker(env, stderr_path)
+
+    async def ran(job_id: str, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while f"end {job_id} " not in (trace.read_text() if trace.exists() else ""):
+            assert worker.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            await asyncio.sleep(0.01)
+        return time.monotonic()
+
+    try:
+        async with QueueService(settings) as producer:
+            first = await producer.enqueue("echo", {"out": str(trace)})
+            await ran(first, 15)
+            await asyncio.sleep(0.5)  # idle: blocked on the marker key
+            await asyncio.to_thread(aof_redis.terminate)
+            await asyncio.sleep(OUTAGE_S)
+            await asyncio.to_thread(aof_redis.start)
+            back = time.monotonic()
+            second = await producer.enqueue("echo", {"out": str(trace)})
+            resumed_s = await ran(second, 15) - back
+            job = await producer.get_job(first)
+            assert job is not None and job.state == JobState.COMPLETED  # kept by the AOF
+    finally:
+        worker.terminate()
+        worker.wait(15)
+    errors = [line for line in stderr_path.read_text().splitlines() if " ERROR " in line]
+    print(f"idle restart: the next job ran {resumed_s:.2f}s after Redis came back")
+    assert resumed_s <= RESUME_WITHIN_S, resumed_s
+    assert 1 <= len(errors) <= 3, errors
