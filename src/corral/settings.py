@@ -59,6 +59,7 @@ class QueueSettings(BaseSettings):
 
     backend: Literal["sqlite", "bullmq"] = "sqlite"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
     sqlite_path: str = "corral.db"
     name: str = "default"
     prefix: str = "bull"
@@ -152,6 +153,8 @@ class QueueSettings(BaseSettings):
             raise ValueError(
                 "QUEUE_DEAD_LETTER names the queue itself; choose another queue name or 'off'"
             )
+        if self.backend == "bullmq" and self.redis_cluster:
+            _check_cluster(self.redis_url, self.prefix)
         return self
 
     @property
@@ -170,6 +173,31 @@ class QueueSettings(BaseSettings):
                 yield key, redact_url(value)
             else:
                 yield key, value
+
+
+def has_hash_tag(key: str) -> bool:
+    """Whether Redis Cluster hashes ``key`` by a tag: text between its first ``{`` and the
+    first ``}`` after it, not empty."""
+    start = key.find("{")
+    return start >= 0 and key.find("}", start + 1) > start + 1
+
+
+def _check_cluster(redis_url: str, prefix: str) -> None:
+    if not has_hash_tag(prefix):
+        # Every key of a queue starts with the prefix: a tag there puts all of them, and those
+        # of the dead-letter queue, in one slot, as BullMQ's Lua scripts and MULTI need.
+        raise ValueError(
+            f"QUEUE_PREFIX {prefix!r} has no hash tag, and QUEUE_REDIS_CLUSTER=true needs one so "
+            "that every key of a queue lives in one cluster slot; use a prefix in braces such "
+            "as '{bull}' (Node.js applications sharing the queue must use the same prefix)"
+        )
+    parts = urlsplit(redis_url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("QUEUE_REDIS_CLUSTER=true needs a redis:// or rediss:// QUEUE_REDIS_URL")
+    if parts.path.lstrip("/") not in ("", "0"):
+        raise ValueError(
+            "QUEUE_REDIS_URL names a database other than 0, which Redis Cluster does not have"
+        )
 
 
 def check_queue_name(value: str) -> str:

@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import bullmq
 import msgpack  # type: ignore[import-untyped]
@@ -49,6 +50,7 @@ from bullmq.queue_keys import QueueKeys
 from bullmq.redis_connection import RedisConnection, loadScript
 from bullmq.scripts import Scripts, raw2NextJobData
 from bullmq.utils import object_to_flat_array
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -106,6 +108,9 @@ _STATES = {
 }
 _warned_eviction: set[str] = set()
 
+Client = aioredis.Redis | RedisCluster
+"""A client of one Redis server, or of a Redis Cluster (``QUEUE_REDIS_CLUSTER``)."""
+
 
 class BullMQBackend(QueueBackend):
     """One queue stored in Redis in BullMQ's layout (see the module docstring)."""
@@ -115,7 +120,7 @@ class BullMQBackend(QueueBackend):
         self._queue_keys = QueueKeys(settings.prefix)
         self.keys: dict[str, str] = self._queue_keys.getKeys(settings.name)
         self.lock_ms = max(1, round(settings.lease_s * 1000))
-        self._client: aioredis.Redis | None = None
+        self._client: Client | None = None
         self._scripts: Any = None  # bullmq.scripts.Scripts bound to this queue
         self._commands: dict[str, Any] = {}
         self._prepared: set[str] = set()
@@ -129,12 +134,11 @@ class BullMQBackend(QueueBackend):
 
     # -- connection ------------------------------------------------------------------------
 
-    def _connect(self) -> aioredis.Redis:
+    def _connect(self) -> Client:
         """Create the pooled client (no I/O yet) and register the package's Lua scripts on it."""
         if self._client is None:
-            client = aioredis.Redis.from_url(
-                self.settings.redis_url,
-                decode_responses=True,
+            client = _client_from_url(
+                self.settings,
                 # Bytes that are not UTF-8 (a foreign job) must not fail a whole reply: they come
                 # back as lone surrogates, which _claim rejects and writes restore.
                 encoding_errors="surrogateescape",
@@ -156,7 +160,7 @@ class BullMQBackend(QueueBackend):
             self._client = client
         return self._client
 
-    async def _ready(self, *queues: str) -> aioredis.Redis:
+    async def _ready(self, *queues: str) -> Client:
         """The client, with ``meta.version`` written once for each queue this backend writes."""
         client = self._connect()
         for queue in queues or (self.queue_name,):
@@ -169,7 +173,7 @@ class BullMQBackend(QueueBackend):
             _warned_eviction.add(url)  # once per process and server, after a successful look
         return client
 
-    async def _check_eviction_policy(self, client: aioredis.Redis) -> None:
+    async def _check_eviction_policy(self, client: Client) -> None:
         try:
             info = await client.info("memory")
         except redis_errors.ResponseError:  # INFO disabled on some managed services
@@ -217,6 +221,28 @@ class BullMQBackend(QueueBackend):
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self._commands[script](keys=list(keys), args=list(args))
 
+    def _queue_script(
+        self, pipe: Any, script: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> None:
+        """Queue one script call on ``pipe`` as EVALSHA. redis-py's cluster pipelines refuse
+        its ``evalsha()`` method, not the command; a plain pipeline loads missing scripts
+        before it runs, a cluster one needs :meth:`_load_scripts` first."""
+        command = self._commands[script]
+        if isinstance(pipe, aioredis.client.Pipeline):
+            pipe.scripts.add(command)
+        pipe.execute_command("EVALSHA", command.sha, len(keys), *keys, *args)
+
+    async def _load_scripts(self, client: Client, *scripts: str) -> None:
+        """On a cluster, load the ``scripts`` a primary lacks (after a restart or a failover)
+        before a pipeline runs them: inside MULTI a NOSCRIPT fails that call alone."""
+        if not isinstance(client, RedisCluster):
+            return
+        commands = [self._commands[name] for name in scripts]
+        present = await client.script_exists(*(command.sha for command in commands))
+        for command, loaded in zip(commands, present, strict=True):
+            if not loaded:
+                await client.script_load(command.script)
+
     # -- producing -------------------------------------------------------------------------
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
@@ -230,6 +256,7 @@ class BullMQBackend(QueueBackend):
                 results = [await self._add(None, jobs[0], timestamp)]
             else:
                 # MULTI/EXEC: nothing is applied unless the whole batch reaches Redis.
+                await self._load_scripts(client, *_ADD_SCRIPTS)
                 async with client.pipeline(transaction=True) as pipe:
                     for job in jobs:
                         await self._add(pipe, job, timestamp)
@@ -268,7 +295,10 @@ class BullMQBackend(QueueBackend):
             script = "addStandardJob"
             names = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events"]
             names += ["marker"]
-        return await self._commands[script](keys=[keys[n] for n in names], args=argv, client=pipe)
+        if pipe is None:
+            return await self._run(script, [keys[n] for n in names], argv)
+        self._queue_script(pipe, script, [keys[n] for n in names], argv)
+        return None
 
     def _job_opts(self, job: NewJob) -> dict[str, Any]:
         """The ``opts`` a Node producer writes for the same job (omitted options are absent)."""
@@ -318,10 +348,13 @@ class BullMQBackend(QueueBackend):
         k = self.keys
         with self._errors(f"reading job {job_id}"):
             client = await self._ready()
+            await self._load_scripts(client, "getStateV2")
             async with client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._job_key(job_id))
-                await self._commands["getStateV2"](
-                    keys=[
+                self._queue_script(
+                    pipe,
+                    "getStateV2",
+                    [
                         k["completed"],
                         k["failed"],
                         k["delayed"],
@@ -331,8 +364,7 @@ class BullMQBackend(QueueBackend):
                         k["waiting-children"],
                         k["prioritized"],
                     ],
-                    args=[job_id],
-                    client=pipe,
+                    [job_id],
                 )
                 pipe.lrange(self._job_key(job_id) + ":logs", 0, -1)
                 pipe.zscore(k["delayed"], job_id)
@@ -378,7 +410,7 @@ class BullMQBackend(QueueBackend):
                 infos.append(self._info(job_id, raw, state_name, logs, scores.get(job_id)))
         return infos
 
-    async def _waiting_ids(self, client: aioredis.Redis, offset: int, limit: int) -> list[str]:
+    async def _waiting_ids(self, client: Client, offset: int, limit: int) -> list[str]:
         """Waiting job ids in delivery order: ``wait`` (oldest at the right end, where
         ``moveToActive`` pops), then ``prioritized`` by score, then a legacy ``paused`` list."""
         k = self.keys
@@ -427,12 +459,15 @@ class BullMQBackend(QueueBackend):
                 ids = _strs(await client.zrange(k["failed"], 0, batch - 1))  # oldest first
                 if not ids:
                     break
+                await self._load_scripts(client, "reprocessJob")
                 async with client.pipeline(transaction=False) as pipe:
                     for job_id in ids:
                         # Node's Job.retry('failed', {resetAttemptsMade: true}): back to waiting
                         # (or prioritized) with attempts made reset; attemptsStarted is kept.
-                        await self._commands["reprocessJob"](
-                            keys=[
+                        self._queue_script(
+                            pipe,
+                            "reprocessJob",
+                            [
                                 self._job_key(job_id),
                                 k["events"],
                                 k["failed"],
@@ -443,8 +478,7 @@ class BullMQBackend(QueueBackend):
                                 k["prioritized"],
                                 k["pc"],
                             ],
-                            args=[job_id, "LPUSH", "failedReason", "failed", "1", "0"],
-                            client=pipe,
+                            [job_id, "LPUSH", "failedReason", "failed", "1", "0"],
                         )
                     results = await pipe.execute()
                 done = sum(1 for result in results if result == 1)
@@ -496,12 +530,14 @@ class BullMQBackend(QueueBackend):
         sets = ("wait", "paused", "prioritized", "delayed", "completed", "failed")
         with self._errors("purging the queue"):
             client = await self._ready()
+            await self._load_scripts(client, "cleanJobsInSet")
             async with client.pipeline(transaction=True) as pipe:
                 for name in sets:
-                    await self._commands["cleanJobsInSet"](
-                        keys=[k[name], k["events"], k["repeat"]],
-                        args=[k[""], cutoff, 0, name],
-                        client=pipe,
+                    self._queue_script(
+                        pipe,
+                        "cleanJobsInSet",
+                        [k[name], k["events"], k["repeat"]],
+                        [k[""], cutoff, 0, name],
                     )
                 removed = await pipe.execute()
         return sum(len(ids) for ids in removed)
@@ -591,7 +627,7 @@ class _Wait:
     """The blocking side: one ``BZPOPMIN`` on the marker key, kept across waits so a wake-up
     or a cancelled wait does not tear down the connection."""
 
-    client: aioredis.Redis
+    client: aioredis.Redis | None = None  # made on first use: see _Source._wait_client
     pop: asyncio.Task[Any] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -651,7 +687,7 @@ class _AutoPipeline:
                 future.set_result(result)
 
     @staticmethod
-    async def _send(client: aioredis.Redis, batch: list[Any]) -> list[Any]:
+    async def _send(client: Client, batch: list[Any]) -> list[Any]:
         results = await _AutoPipeline._evalsha(client, batch)
         retry = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
         if retry:
@@ -664,11 +700,11 @@ class _AutoPipeline:
         return results
 
     @staticmethod
-    async def _evalsha(client: aioredis.Redis, batch: list[Any]) -> list[Any]:
+    async def _evalsha(client: Client, batch: list[Any]) -> list[Any]:
         # EVALSHA directly: redis-py's script objects would add a SCRIPT EXISTS round trip.
         async with client.pipeline(transaction=False) as pipe:
             for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
@@ -703,25 +739,14 @@ class _Source(PullSource):
             if rate
             else None
         )
-        self._wait = _Wait(
-            aioredis.Redis.from_url(
-                self.settings.redis_url,
-                decode_responses=True,
-                single_connection_client=True,
-                socket_connect_timeout=5.0,
-                socket_timeout=_MAX_BLOCK_S + 5.0,
-                # Node's worker name for this queue: Queue.getWorkers() and Bull Board list it.
-                client_name=self.worker_name,
-                retry=RedisRetry(NoBackoff(), 0),
-            )
-        )
+        self._wait = _Wait()
 
     async def _start(self) -> None:
         """Connect both clients; a failure here is paced and logged by the consumer loop."""
         if self._started:
             return
         await self.backend._ready()
-        await self._wait.client.ping()  # connects, which runs CLIENT SETNAME
+        await self._ping_wait()  # connects, which runs CLIENT SETNAME
         self._started = True
         logger.info(
             "consuming queue %r at %s as Redis client %r (BullMQ layout %s, lock %d ms)",
@@ -731,6 +756,48 @@ class _Source(PullSource):
             LIB_VERSION,
             self.lock_ms,
         )
+
+    async def _wait_client(self) -> aioredis.Redis:
+        """The blocking connection, named as Node names its workers' (Queue.getWorkers() and
+        Bull Board list it). On a cluster, a plain connection to the node serving the marker
+        key: a cluster client also names the connections it asks for the slots with, and
+        getWorkers() counts a cluster's clients node by node."""
+        if self._wait.client is None:
+            url = self.settings.redis_url
+            cluster = self.backend._connect()
+            if isinstance(cluster, RedisCluster):
+                await cluster.initialize()
+                node = cluster.get_node_from_key(self.keys["marker"])
+                if node is None:
+                    raise redis_errors.ConnectionError("no cluster node serves the queue's slot")
+                url = _node_url(url, node.host, int(node.port))
+            self._wait.client = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                single_connection_client=True,
+                socket_connect_timeout=5.0,
+                socket_timeout=_MAX_BLOCK_S + 5.0,
+                client_name=self.worker_name,
+                retry=RedisRetry(NoBackoff(), 0),
+            )
+        return self._wait.client
+
+    async def _drop_wait_client(self) -> None:
+        """After an error: a failover or a resharding may have moved the marker key's slot, so
+        a cluster's node is looked up again (the cluster client follows MOVED replies)."""
+        if not self.settings.redis_cluster:
+            return  # one server: the single connection reconnects by itself
+        client, self._wait.client = self._wait.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_S)
+
+    async def _ping_wait(self) -> None:
+        try:
+            await (await self._wait_client()).ping()
+        except Exception:
+            await self._drop_wait_client()
+            raise
 
     def _next_token(self) -> str:
         self._tokens += 1
@@ -792,14 +859,14 @@ class _Source(PullSource):
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     for token in tokens:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args(token))
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args(token))
                     results = await pipe.execute()
             except redis_errors.NoScriptError:
                 # Redis restarted or flushed its scripts; nothing ran. Load it and retry once.
                 await client.script_load(script.script)
                 async with client.pipeline(transaction=False) as pipe:
                     for token in tokens:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args(token))
+                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args(token))
                     results = await pipe.execute()
         return [(t, raw2NextJobData(r)) for t, r in zip(tokens, results, strict=True)]
 
@@ -1014,6 +1081,7 @@ class _Source(PullSource):
         keys, args = self._finish_call(claim, delivery, "failed", reason, now, fields)
         lock_key = backend._job_key(claim.job_id) + ":lock"
         client = await backend._ready(target)
+        await backend._load_scripts(client, "moveToFinished", "addLog", *_ADD_SCRIPTS)
         pipe: Any
         async with client.pipeline(transaction=True) as pipe:
             for _ in range(_WATCH_TRIES):
@@ -1023,12 +1091,10 @@ class _Source(PullSource):
                         await pipe.reset()
                         return -2
                     pipe.multi()
-                    await backend._commands["moveToFinished"](keys=keys, args=args, client=pipe)
+                    backend._queue_script(pipe, "moveToFinished", keys, args)
                     await backend._add(pipe, copy, now)
-                    await backend._commands["addLog"](
-                        keys=[copy_key, copy_key + ":logs"],
-                        args=[copy.job_id, note, ""],
-                        client=pipe,
+                    backend._queue_script(
+                        pipe, "addLog", [copy_key, copy_key + ":logs"], [copy.job_id, note, ""]
                     )
                     code, _, _ = await pipe.execute()
                     return code
@@ -1067,7 +1133,7 @@ class _Source(PullSource):
                 )
             if self._wait.pop is None:
                 # Keeps the named connection up, so getWorkers() lists a busy worker too.
-                await self._wait.client.ping()
+                await self._ping_wait()
 
     async def wait_for_work(self, timeout_s: float) -> None:
         wait = self._wait
@@ -1091,7 +1157,9 @@ class _Source(PullSource):
                 return
             if wait.pop is None:
                 block_s = min(max(remaining, _MIN_BLOCK_S), _MAX_BLOCK_S)
-                wait.pop = asyncio.ensure_future(wait.client.bzpopmin(self.keys["marker"], block_s))
+                with self.backend._errors("waiting for jobs"):
+                    client = await self._wait_client()
+                wait.pop = asyncio.ensure_future(client.bzpopmin(self.keys["marker"], block_s))
             pop = wait.pop
             woken = asyncio.ensure_future(wait.wake.wait())
             try:
@@ -1104,6 +1172,8 @@ class _Source(PullSource):
             if not pop.done():
                 return
             wait.pop = None
+            if not pop.cancelled() and pop.exception() is not None:
+                await self._drop_wait_client()
             with self.backend._errors("waiting for jobs"):
                 marker = pop.result()
             if marker:
@@ -1134,10 +1204,13 @@ class _Source(PullSource):
             pop.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(pop, _CLOSE_TIMEOUT_S)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._wait.client.aclose(), _CLOSE_TIMEOUT_S)
+        client, self._wait.client = self._wait.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_S)
 
 
+_ADD_SCRIPTS = ("addStandardJob", "addDelayedJob", "addPrioritizedJob")
 _MOVE_TO_ACTIVE_KEYS = (
     "wait",
     "active",
@@ -1174,6 +1247,22 @@ _RELEASE_KEYS = (
     "marker",
     "events",
 )
+
+
+def _client_from_url(settings: QueueSettings, **options: Any) -> Client:
+    """A pooled client for ``settings.redis_url``; with ``redis_cluster``, a cluster client,
+    which follows the slots (and MOVED replies) to the right node."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, decode_responses=True, **options)
+    return aioredis.Redis.from_url(settings.redis_url, decode_responses=True, **options)
+
+
+def _node_url(url: str, host: str, port: int) -> str:
+    """``url`` (credentials, TLS options and all) pointed at one node of a cluster."""
+    parts = urlsplit(url)
+    credentials, at, _ = parts.netloc.rpartition("@")
+    address = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{credentials}{at}{address}:{port}"))
 
 
 def dead_letter_id(queue: str, job_id: str) -> str:
