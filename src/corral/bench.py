@@ -1255,6 +1255,12 @@ def results_table(results: dict[str, SystemResult], plan: Plan) -> Table:
     return table
 
 
+def _packages_text(machine: dict[str, Any]) -> str:
+    packages = machine.get("packages") or {}
+    found = [f"{name} {version}" for name, version in packages.items() if version]
+    return f" ({', '.join(found)})" if found else ""
+
+
 def _revision_text(report: dict[str, Any]) -> str:
     corral = report.get("corral") or {}
     text = f"corral {corral.get('version', '?')}"
@@ -1274,7 +1280,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{report['date']}, {report['mode']} run of {_revision_text(report)}, "
         f"{machine['cpus']} cores ({machine['cpu']}), "
         f"{machine['os']}, Python {machine['python']}, SQLite {machine['sqlite']}, "
-        f"Redis {machine['redis'] or '-'}, Node {machine['node'] or '-'}; "
+        f"Redis {machine['redis'] or '-'}, Node {machine['node'] or '-'}{_packages_text(machine)}; "
         f"load average {load['before']} before, {load['after']} after; {report['duration_s']}s.",
         "",
         "| | " + " | ".join(results) + " |",
@@ -1344,6 +1350,9 @@ def machine_info(env: Environment) -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "redis": env.redis_version,
         "node": env.node,
+        "packages": {
+            name: _package_version(name) for name in ("redis", "hiredis", "bullmq", "huey")
+        },
     }
 
 
