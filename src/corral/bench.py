@@ -4,8 +4,8 @@ against (the ``bullmq`` Python package, Node.js BullMQ, Huey's SqliteHuey).
 Method, the same for every system:
 
 - Every measurement runs in separate processes ("runners"): a long-lived *producer* process per
-  system and a fresh *worker* process per worker run. This process only orchestrates, so the
-  progress bar and the bookkeeping never share a CPU core's time slice with what is timed.
+  system and a fresh *worker* process per worker run. This process only orchestrates, so what
+  is timed never shares an interpreter (and its GIL) with the progress bar and the bookkeeping.
   Python systems run ``python -m corral.bench SYSTEM ROLE``; Node.js BullMQ runs
   ``bench/node/bullmq-bench.mjs ROLE`` with the same roles and the same JSON lines.
 - Every phase gets a fresh queue (a fresh SQLite file, or a fresh queue name on Redis whose keys
@@ -70,6 +70,8 @@ from rich.table import Table
 
 from corral import __version__
 from corral.errors import ConfigError, CorralError
+from corral.message import QueueMessage
+from corral.service import QueueService
 from corral.settings import QueueSettings, redact_url
 
 SCHEMA = "corral-bench/1"
@@ -271,9 +273,6 @@ class CorralClient(Client):
 
     def __init__(self, queue_name: str, path: str | None, redis_url: str, backend: str) -> None:
         super().__init__(queue_name, path, redis_url)
-        from corral.service import QueueService
-        from corral.settings import QueueSettings
-
         settings = QueueSettings(
             backend=backend,
             name=queue_name,
@@ -292,8 +291,6 @@ class CorralClient(Client):
         await self.service.enqueue_many({"name": JOB_NAME, "data": data} for data in items)
 
     async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
-        from corral.message import QueueMessage
-
         service = self.service
 
         @service.handler(JOB_NAME)
