@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -200,6 +201,15 @@ class BullMQBackend(QueueBackend):
                 f"{doing} ({exc}); check the user and password in QUEUE_REDIS_URL"
             ) from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            refused = _certificate_error(exc)
+            if refused is not None:
+                raise BackendConnectionError(
+                    f"TLS certificate verification failed for Redis at "
+                    f"{self.settings.redis_url_redacted} while {doing} "
+                    f"({refused.verify_message}); check that the server's certificate names the "
+                    "host in QUEUE_REDIS_URL and give the CA that signed it in the URL: "
+                    "rediss://...?ssl_ca_certs=/path/to/ca.pem"
+                ) from exc
             raise BackendConnectionError(
                 f"cannot reach Redis at {self.settings.redis_url_redacted} while {doing} "
                 f"({exc}); check QUEUE_REDIS_URL and that Redis is running"
@@ -1275,6 +1285,17 @@ def _worker_client_name(settings: QueueSettings) -> str:
     queue_b64 = base64.b64encode(settings.name.encode("utf-8")).decode("ascii")
     host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
     return f"{settings.prefix}:{queue_b64}:w:corral-{host}-{os.getpid()}"
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed under a driver error (redis-py re-raises it as a
+    ConnectionError), if one did."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain, not a cycle
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _keep_jobs(option: Any, default: int | None) -> dict[str, Any]:
