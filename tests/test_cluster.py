@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import random
 import shutil
 import socket
@@ -335,3 +336,70 @@ async def wait_for_counts(
             return
         assert time.monotonic() < deadline, counts
         await asyncio.sleep(0.02)
+
+
+def move_slot(clients: list[redis.Redis], slot: int, target: redis.Redis) -> None:
+    """Migrate ``slot`` with its keys to ``target``, as ``redis-cli --cluster reshard`` does."""
+    ids = {client: str(client.execute_command("CLUSTER", "MYID")) for client in clients}
+    (source,) = [c for c in clients if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)]
+    if source is target:
+        return
+    port = target.connection_pool.connection_kwargs["port"]
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        source.execute_command("MIGRATE", REDIS_HOST, port, "", 0, 5000, "KEYS", *keys)
+    for client in (target, source, *clients):
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+
+async def test_a_worker_follows_its_queue_to_another_node(
+    make_settings: SettingsFactory,
+    cluster_ports_up: list[int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Resharding moves the queue's slot while a worker waits on it: the worker finds the new
+    node by itself, quietly (a moved slot is no outage), and its named connection moves along."""
+    tag = unique_queue_name("move")
+    settings = make_settings(prefix=f"{{{tag}}}")
+    name_prefix = f"{{{tag}}}:{base64.b64encode(settings.name.encode()).decode()}:w:"
+    clients = nodes(cluster_ports_up)
+    done: list[int] = []
+
+    def listed() -> list[int]:
+        return [
+            sum(1 for c in client.client_list() if c["name"].startswith(name_prefix))
+            for client in clients
+        ]
+
+    try:
+        async with QueueService(settings) as service:
+
+            @service.handler("n")
+            async def n(message: QueueMessage) -> None:
+                done.append(message.data)
+
+            worker = asyncio.create_task(service.start_worker(concurrency=4))
+            try:
+                await service.enqueue_many([{"name": "n", "data": i} for i in range(10)])
+                await wait_for_counts(service, completed=10)
+                before = listed()
+                slot = int(clients[0].cluster("keyslot", tag))
+                target = next(c for c, count in zip(clients, before, strict=True) if not count)
+                await asyncio.to_thread(move_slot, clients, slot, target)
+                await asyncio.sleep(0.2)  # the worker is idle in its blocking pop meanwhile
+                await service.enqueue_many([{"name": "n", "data": i} for i in range(10, 20)])
+                await wait_for_counts(service, completed=20)
+                deadline = time.monotonic() + 10
+                while listed()[clients.index(target)] != 1:
+                    assert time.monotonic() < deadline, listed()
+                    await asyncio.sleep(0.05)
+            finally:
+                service.stop()
+                await asyncio.wait_for(worker, 10)
+        assert sorted(done) == list(range(20))
+        assert target.exists(f"{{{tag}}}:{settings.name}:meta") == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        for client in clients:
+            client.close()

@@ -88,6 +88,7 @@ _EXTRA_SCRIPTS = {
 }
 _MIN_BLOCK_S = 0.001  # BZPOPMIN's timeout 0 means "for ever"; 1 ms is Node's floor too
 _MAX_BLOCK_S = 5.0  # keep a blocked connection short-lived, as Node caps it (10 s)
+_REDIRECT_PAUSE_S = 0.05  # after a cluster redirect, so a slot stuck migrating cannot spin us
 _CLAIM_BATCH_CAP = 100  # moveToActive calls per round trip
 _WATCH_TRIES = 5
 _CLOSE_TIMEOUT_S = 2.0
@@ -1182,8 +1183,15 @@ class _Source(PullSource):
             if not pop.done():
                 return
             wait.pop = None
-            if not pop.cancelled() and pop.exception() is not None:
+            error = None if pop.cancelled() else pop.exception()
+            if error is not None:
                 await self._drop_wait_client()
+                if isinstance(error, redis_errors.AskError):  # MOVED is one too
+                    # Resharding or a failover moved the queue's slot: not an outage. The next
+                    # wait goes to the node serving it, once a claim has refreshed the slots.
+                    logger.debug("queue %r: its cluster slot moved (%s)", self.settings.name, error)
+                    await asyncio.sleep(_REDIRECT_PAUSE_S)
+                    return
             with self.backend._errors("waiting for jobs"):
                 marker = pop.result()
             if marker:
