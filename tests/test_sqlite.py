@@ -330,3 +330,33 @@ def test_schema_is_created_once_by_racing_processes(tmp_path: Path) -> None:
     version = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
     assert version == SCHEMA_VERSION
     assert json.dumps(ids)
+
+
+def test_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    from corral.backends.sqlite import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for statement in _MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO jobs (queue, name, data, state, run_at, enqueued_at, finished_at) "
+        "VALUES ('q', 'old', '{\"kept\": true}', 'completed', 1, 1, 1)"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    async def check() -> None:
+        async with QueueService(sqlite_settings(path)) as service:
+            job = await service.get_job("1")
+            assert job is not None and (job.name, job.data) == ("old", {"kept": True})
+            assert (await service.counts())[JobState.COMPLETED] == 1
+            assert [j.id for j in await service.list_jobs("completed")] == ["1"]
+
+    asyncio.run(check())
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"jobs_completed", "jobs_failed"} <= indexes and "jobs_state" not in indexes
+    conn.close()

@@ -53,7 +53,11 @@ def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
             "(QUEUE_MAX_PAYLOAD_BYTES); store large data elsewhere and enqueue a "
             "reference to it"
         )
-    if text.count("[") + text.count("{") > MAX_NESTING and _nesting(text) > MAX_NESTING:
+    if (  # nesting past the limit takes at least two characters a level
+        size > 2 * MAX_NESTING
+        and text.count("[") + text.count("{") > MAX_NESTING
+        and _nesting(text) > MAX_NESTING
+    ):
         raise PayloadError(
             f"{what} nests lists and objects more than {MAX_NESTING} levels deep; flatten it"
         )
@@ -110,9 +114,15 @@ def _plain(value: Any, depth: int) -> bool:
     if depth == 0:
         return False
     if kind is dict:
-        return all(type(k) is str and _plain(v, depth - 1) for k, v in value.items())
+        for key, item in value.items():
+            if type(key) is not str or not _plain(item, depth - 1):
+                return False
+        return True
     if kind is list:
-        return all(_plain(v, depth - 1) for v in value)
+        for item in value:
+            if not _plain(item, depth - 1):
+                return False
+        return True
     return False
 
 

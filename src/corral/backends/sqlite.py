@@ -57,7 +57,7 @@ logger = logging.getLogger("corral.sqlite")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 20
 LOCK_GIVE_UP_S = 60.0
 MAINTAIN_EVERY_S = 1.0
@@ -96,6 +96,13 @@ _MIGRATIONS: dict[int, Sequence[str]] = {
         "CREATE INDEX jobs_active ON jobs (queue, lease_expires_at) WHERE state = 'active'",
         "CREATE INDEX jobs_state ON jobs (queue, state, finished_at)",
         "CREATE TABLE queues (name TEXT PRIMARY KEY, paused INTEGER NOT NULL DEFAULT 0)",
+    ),
+    # Every enqueue and claim paid for an index over all states; finished jobs are the only
+    # ones that need (state, finished_at), so the index now covers just them.
+    2: (
+        "DROP INDEX jobs_state",
+        "CREATE INDEX jobs_completed ON jobs (queue, finished_at) WHERE state = 'completed'",
+        "CREATE INDEX jobs_failed ON jobs (queue, finished_at) WHERE state = 'failed'",
     ),
 }
 
@@ -332,7 +339,7 @@ class SQLiteBackend(QueueBackend):
             job.job_id,
             job.name,
             job.data_json,
-            JobState.DELAYED.value if delayed else JobState.WAITING.value,
+            "delayed" if delayed else "waiting",
             job.priority,
             now + job.delay_ms,
             now,
@@ -380,18 +387,18 @@ class SQLiteBackend(QueueBackend):
             JobState.COMPLETED: "finished_at DESC, seq DESC",
             JobState.FAILED: "finished_at DESC, seq DESC",
         }[state]
+        # The state is written into the SQL (it is one of five fixed words) so that SQLite can
+        # pick that state's partial index; a bound parameter would hide it from the planner.
         rows = self._read(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE queue = ? AND state = ? "
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE queue = ? AND state = '{state.value}' "
             f"ORDER BY {order} LIMIT ? OFFSET ?",
-            (self.queue_name, state.value, max(0, int(limit)), max(0, int(offset))),
+            (self.queue_name, max(0, int(limit)), max(0, int(offset))),
         )
         return [self._info(row) for row in rows]
 
     async def counts(self) -> dict[JobState, int]:
         result = dict.fromkeys(JobState, 0)
-        for state, count in self._read(
-            "SELECT state, count(*) FROM jobs WHERE queue = ? GROUP BY state", (self.queue_name,)
-        ):
+        for state, count in self._read(_COUNTS_SQL, (self.queue_name,) * 5):
             with contextlib.suppress(ValueError):
                 result[JobState(state)] = count
         return result
@@ -514,6 +521,12 @@ class SQLiteBackend(QueueBackend):
         )
 
 
+# One query per state, each answered from that state's partial index.
+_COUNTS_SQL = " UNION ALL ".join(
+    f"SELECT '{state}', count(*) FROM jobs WHERE queue = ? AND state = '{state}'"
+    for state in ("waiting", "delayed", "active", "completed", "failed")
+)
+
 _READY_SQL = (
     "SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'waiting') "
     "OR EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'delayed' AND run_at <= ?)"
@@ -613,7 +626,7 @@ class _Source(PullSource):
                 raise ValueError(f"job name is {name!r}")
             if not isinstance(max_attempts, int) or not isinstance(attempts_made, int):
                 raise ValueError("attempt counters are not integers")
-            retry = Retry.from_bullmq(decode_json(backoff)) if backoff else None
+            retry = _parse_backoff(backoff) if backoff else None
             if not isinstance(priority, int) or not isinstance(enqueued_at, int):
                 raise ValueError("priority or enqueued_at is not an integer")
         except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
@@ -937,17 +950,26 @@ def _wake(key: tuple[str, str]) -> None:
 
 def _trim(conn: sqlite3.Connection, queue: str, state: str, keep: int) -> None:
     """Delete the oldest finished jobs in ``state`` beyond the newest ``keep``."""
+    if state not in ("completed", "failed"):
+        raise ValueError(f"only finished jobs are trimmed, not {state!r}")
+    where = f"queue = ? AND state = '{state}'"  # literal, for the partial index (see list_jobs)
     cutoff = conn.execute(
-        "SELECT finished_at, seq FROM jobs WHERE queue = ? AND state = ? "
+        f"SELECT finished_at, seq FROM jobs WHERE {where} "
         "ORDER BY finished_at DESC, seq DESC LIMIT 1 OFFSET ?",
-        (queue, state, keep),
+        (queue, keep),
     ).fetchone()
     if cutoff is not None:
         conn.execute(
-            "DELETE FROM jobs WHERE queue = ? AND state = ? AND (finished_at < ? OR "
+            f"DELETE FROM jobs WHERE {where} AND (finished_at < ? OR "
             "(finished_at = ? AND seq <= ?))",
-            (queue, state, cutoff[0], cutoff[0], cutoff[1]),
+            (queue, cutoff[0], cutoff[0], cutoff[1]),
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_backoff(text: str) -> Retry | None:
+    """The backoff column, parsed once per distinct value (raises ValueError if unreadable)."""
+    return Retry.from_bullmq(decode_json(text))
 
 
 @functools.lru_cache(maxsize=256)
