@@ -16,6 +16,10 @@ workers so ``Queue.getWorkers()`` (and Bull Board) list corral workers. Like Nod
 the next job from ``moveToFinished`` (fetch-next) and sends the scripts of slots that finish
 together in one round trip (ioredis's auto-pipelining).
 
+With ``QUEUE_REDIS_CLUSTER`` the same runs on a Redis Cluster: the prefix carries a hash tag
+(``{bull}``), so every key of a queue and of its dead-letter queue shares one slot, as the scripts
+and the MULTI transactions need; the blocking connection goes to the node serving that slot.
+
 Redis layout for prefix ``bull`` and queue ``q`` (all BullMQ's): the job hash ``bull:q:<id>``
 (``name``, ``data``, ``opts``, ``timestamp``, ``atm`` = attempts made, ``returnvalue``,
 ``failedReason``, ``stacktrace``, ...), its ``:lock`` and ``:logs``, the lists ``wait``,
