@@ -33,14 +33,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import re
 import socket
 import ssl
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +59,7 @@ from bullmq.redis_connection import RedisConnection, loadScript
 from bullmq.scripts import Scripts, raw2NextJobData
 from bullmq.utils import object_to_flat_array
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -96,6 +100,7 @@ _REDIRECT_PAUSE_S = 0.05  # after a cluster redirect, so a slot stuck migrating 
 _CLAIM_BATCH_CAP = 100  # moveToActive calls per round trip
 _WATCH_TRIES = 5
 _CLOSE_TIMEOUT_S = 2.0
+_COMMAND_TIMEOUT_S = 30.0  # a reply later than this: the connection is dropped
 _DELAY_SCORE_FACTOR = 0x1000  # delayed-set scores are ``timestamp_ms * 0x1000 + counter``
 _FINISH_ERRORS = {
     -1: "the job no longer exists",
@@ -130,6 +135,10 @@ class BullMQBackend(QueueBackend):
         self._scripts: Any = None  # bullmq.scripts.Scripts bound to this queue
         self._commands: dict[str, Any] = {}
         self._prepared: set[str] = set()
+        self._eviction_checked = False
+        self._wire: _Wire | None = None  # the script calls' connection (not on a cluster)
+        self._packed_keys: dict[str, bytes] = {}  # queue key names, RESP-encoded once
+        self._evalsha_heads: dict[str, bytes] = {}
         self._source: _Source | None = None
 
     def __repr__(self) -> str:
@@ -163,8 +172,19 @@ class BullMQBackend(QueueBackend):
                 commands[name] = client.register_script(loadScript(filename))
             self._scripts = Scripts(self.settings.prefix, self.queue_name, connection)
             self._commands = commands
+            self._evalsha_heads = {
+                name: b"$7\r\nEVALSHA\r\n" + _bulk(command.sha)
+                for name, command in commands.items()
+            }
+            self._pack_keys(self.queue_name)
+            if isinstance(client, aioredis.Redis):
+                self._wire = _Wire(client)
             self._client = client
         return self._client
+
+    def _pack_keys(self, queue: str) -> None:
+        for key in self._keys(queue).values():
+            self._packed_keys[key] = _bulk(key)
 
     async def _ready(self, *queues: str) -> Client:
         """The client, with ``meta.version`` written once for each queue this backend writes."""
@@ -172,11 +192,14 @@ class BullMQBackend(QueueBackend):
         for queue in queues or (self.queue_name,):
             if queue not in self._prepared:
                 await client.hset(self._keys(queue)["meta"], "version", LIB_VERSION)
+                self._pack_keys(queue)
                 self._prepared.add(queue)
-        url = self.settings.redis_url_redacted
-        if url not in _warned_eviction:
-            await self._check_eviction_policy(client)
-            _warned_eviction.add(url)  # once per process and server, after a successful look
+        if not self._eviction_checked:
+            url = self.settings.redis_url_redacted
+            if url not in _warned_eviction:
+                await self._check_eviction_policy(client)
+                _warned_eviction.add(url)  # once per process and server, after a successful look
+            self._eviction_checked = True
         return client
 
     async def _check_eviction_policy(self, client: Client) -> None:
@@ -234,7 +257,51 @@ class BullMQBackend(QueueBackend):
         return self.keys[""] + job_id
 
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._commands[script](keys=list(keys), args=list(args))
+        (result,) = await self._evalsha_many([(script, keys, args)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _pack_evalsha(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+        """One EVALSHA in RESP, as redis-py would send it; the queue's key names are encoded once
+        (:meth:`_pack_keys`), so a call packs only its job's keys and its arguments."""
+        known = self._packed_keys
+        parts = [b"*%d\r\n" % (3 + len(keys) + len(args)), self._evalsha_heads[script]]
+        parts.append(b"$%d\r\n%d\r\n" % (len(str(len(keys))), len(keys)))
+        for key in keys:
+            parts.append(known.get(key) or _bulk(key))
+        for arg in args:
+            parts.append(_bulk(arg))
+        return b"".join(parts)
+
+    async def _evalsha_many(
+        self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run script calls in one round trip, each its own atomic script (no MULTI); a call's
+        error is returned in its place. Scripts Redis lost (a restart, SCRIPT FLUSH) are loaded
+        and those calls sent again: a NOSCRIPT call did not run."""
+        client = self._connect()
+        results = await self._send_evalsha(client, calls)
+        retry = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
+        if retry:
+            for name in {calls[i][0] for i in retry}:
+                await client.script_load(self._commands[name].script)
+            again = await self._send_evalsha(client, [calls[i] for i in retry])
+            for index, result in zip(retry, again, strict=True):
+                results[index] = result
+        return results
+
+    async def _send_evalsha(
+        self, client: Client, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        if self._wire is not None:
+            return await self._wire.execute([self._pack_evalsha(*call) for call in calls])
+        # A cluster: redis-py routes each command to the node of its keys.
+        async with client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                self._queue_script(pipe, script, keys, args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
 
     def _queue_script(
         self, pipe: Any, script: str, keys: Sequence[str], args: Sequence[Any]
@@ -563,6 +630,9 @@ class BullMQBackend(QueueBackend):
             await source.aclose()
         client, self._client = self._client, None
         self._prepared.clear()
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.aclose()
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), _CLOSE_TIMEOUT_S)
@@ -647,48 +717,199 @@ class _Wait:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _Wire:
+    """Pre-packed commands over one dedicated connection, as ioredis carries Node's: a call is
+    written at once, one reader task takes the replies in order. No connection pool, no
+    per-command encoding, no round trip waited out before the next call is sent.
+
+    A lost connection fails every call in flight with ConnectionError; :meth:`execute` sends a
+    call again once on a new connection, as redis-py retries a command on a dropped connection.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        pool = client.connection_pool
+        # No socket timeout on the connection: the reader times each batch of replies instead.
+        self._options = {**pool.connection_kwargs, "socket_timeout": None}
+        self._connection_class = pool.connection_class
+        self._connection: AbstractConnection | None = None
+        self._connecting = asyncio.Lock()
+        self._waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
+        self._more: asyncio.Future[None] | None = None  # the idle reader waits on it
+        self._reader: asyncio.Task[None] | None = None
+
+    def submit(self, commands: list[bytes]) -> asyncio.Future[list[Any]] | None:
+        """Write ``commands`` now; the future gets their replies (an error reply in its place).
+        ``None`` when not connected: use :meth:`execute`."""
+        connection = self._connection
+        writer = connection._writer if connection is not None else None
+        if connection is None or writer is None or writer.is_closing():
+            return None
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        writer.writelines(commands)
+        self._waiting.append((len(commands), future))
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read(connection))
+        elif self._more is not None and not self._more.done():
+            self._more.set_result(None)
+        return future
+
+    async def execute(self, commands: list[bytes], *, retry: bool = True) -> list[Any]:
+        """Send ``commands`` (connecting if needed) and wait for their replies."""
+        for attempt in range(2 if retry else 1):
+            future = self.submit(commands)
+            if future is None:
+                await self._connect()
+                future = self.submit(commands)
+                if future is None:
+                    raise redis_errors.ConnectionError("the connection to Redis closed")
+            writer = self._connection._writer if self._connection is not None else None
+            if writer is not None and writer.transport.get_write_buffer_size() > 1 << 20:
+                await writer.drain()  # Redis reads slower than we write: wait
+            try:
+                return await future
+            except redis_errors.ConnectionError:
+                if attempt or not retry:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _read(self, connection: AbstractConnection) -> None:
+        waiting = self._waiting
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not waiting:
+                    self._more = loop.create_future()
+                    await self._more
+                    continue
+                count, future = waiting[0]
+                replies: list[Any] = []
+                async with asyncio.timeout(_COMMAND_TIMEOUT_S):
+                    for _ in range(count):
+                        try:
+                            replies.append(await connection.read_response(timeout=math.inf))
+                        except redis_errors.ResponseError as exc:
+                            replies.append(exc)
+                waiting.popleft()
+                if not future.done():  # not cancelled by its caller
+                    future.set_result(replies)
+        except BaseException as exc:
+            # The stream is gone or out of step: no later reply on it can be trusted.
+            if isinstance(exc, TimeoutError):
+                failure: Exception = redis_errors.TimeoutError(
+                    f"Redis did not answer within {_COMMAND_TIMEOUT_S:g} s"
+                )
+            elif isinstance(exc, redis_errors.ConnectionError):
+                failure = exc
+            else:
+                failure = redis_errors.ConnectionError(f"connection to Redis lost: {exc!r}")
+            self._drop(connection, failure)
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    def _drop(self, connection: AbstractConnection, failure: Exception) -> None:
+        if self._connection is not connection:
+            return
+        self._connection = None
+        self._reader = None
+        self._more = None
+        waiting, self._waiting = self._waiting, deque()
+        for _, future in waiting:
+            if not future.done():
+                future.set_exception(failure)
+
+    async def _connect(self) -> None:
+        async with self._connecting:
+            if self._connection is None or self._connection._writer is None:
+                connection = self._connection_class(**self._options)
+                await connection.connect()  # type: ignore[no-untyped-call]
+                self._connection = connection
+
+    async def aclose(self) -> None:
+        connection, reader = self._connection, self._reader
+        if connection is not None:
+            self._drop(connection, redis_errors.ConnectionError("the backend was closed"))
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+
+
+_FLUSH_AT = 16
+"""Calls gathered before they are written without waiting for the end of the loop turn: Redis
+starts on the first while the worker still finishes the jobs of the others."""
+
+
 class _AutoPipeline:
-    """Send the script calls made during one event-loop turn as one pipeline (what ioredis's
-    auto-pipelining does for Node's workers): many slots finishing at once cost one round trip.
+    """Send the script calls made during one event-loop turn together (what ioredis's
+    auto-pipelining does for Node's workers): many slots finishing at once cost one write.
 
     Each call is still its own atomic script; only the transport is shared.
     """
 
     def __init__(self, backend: BullMQBackend) -> None:
         self.backend = backend
-        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
     async def call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((self.backend._commands[script], keys, args, future))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush_soon)
+        pending = self._pending
+        pending.append((script, keys, args, future))
+        if len(pending) == 1:
+            loop.call_soon(self._flush)
+        elif len(pending) >= _FLUSH_AT:
+            self._flush()
         return await future
 
-    def _flush_soon(self) -> None:
-        task = asyncio.ensure_future(self._flush())
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        backend = self.backend
+        wire = backend._wire
+        sent = None
+        if wire is not None:
+            sent = wire.submit([backend._pack_evalsha(s, k, a) for s, k, a, _ in batch])
+        if sent is None:
+            self._resend(batch)
+        else:
+            sent.add_done_callback(functools.partial(self._deliver, batch))
+
+    def _deliver(self, batch: list[Any], sent: asyncio.Future[list[Any]]) -> None:
+        if sent.cancelled() or sent.exception() is not None:
+            self._resend(batch)  # on a new connection, with redis-py's single retry
+            return
+        again = []
+        for item, result in zip(batch, sent.result(), strict=True):
+            future = item[3]
+            if future.done():
+                continue
+            if isinstance(result, redis_errors.NoScriptError):
+                again.append(item)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if again:
+            self._resend(again)
+
+    def _resend(self, batch: list[Any]) -> None:
+        task = asyncio.ensure_future(self._send(batch))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if len(batch) == 1:
-            script, keys, args, future = batch[0]
-            try:
-                result = await script(keys=keys, args=args)
-            except BaseException as exc:  # handed to the caller, who wraps it
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(result)
-            return
-        client = self.backend._connect()
+    async def _send(self, batch: list[Any]) -> None:
         try:
-            results = await self._send(client, batch)
-        except BaseException as exc:
+            results = await self.backend._evalsha_many(
+                [(script, keys, args) for script, keys, args, _ in batch]
+            )
+        except BaseException as exc:  # handed to the callers, who wrap it
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -700,28 +921,6 @@ class _AutoPipeline:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-    @staticmethod
-    async def _send(client: Client, batch: list[Any]) -> list[Any]:
-        results = await _AutoPipeline._evalsha(client, batch)
-        retry = [i for i, r in enumerate(results) if isinstance(r, redis_errors.NoScriptError)]
-        if retry:
-            # Redis restarted or flushed its scripts: those calls did not run. Load, resend.
-            for script in {id(item[0]): item[0] for item in batch}.values():
-                await client.script_load(script.script)
-            again = await _AutoPipeline._evalsha(client, [batch[i] for i in retry])
-            for index, result in zip(retry, again, strict=True):
-                results[index] = result
-        return results
-
-    @staticmethod
-    async def _evalsha(client: Client, batch: list[Any]) -> list[Any]:
-        # EVALSHA directly: redis-py's script objects would add a SCRIPT EXISTS round trip.
-        async with client.pipeline(transaction=False) as pipe:
-            for script, keys, args, _ in batch:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
 
 
 class _Source(PullSource):
@@ -755,6 +954,8 @@ class _Source(PullSource):
             else None
         )
         self._wait = _Wait()
+        self._move_to_active_keys = [self.keys[n] for n in _MOVE_TO_ACTIVE_KEYS]
+        self._move_opts = {"lockDuration": self.lock_ms, "limiter": self._limiter}
 
     async def _start(self) -> None:
         """Connect both clients; a failure here is paced and logged by the consumer loop."""
@@ -852,37 +1053,18 @@ class _Source(PullSource):
                     return claims
 
     async def _move_to_active(self, count: int) -> list[tuple[str, list[Any]]]:
-        """``count`` moveToActive calls (Node's arguments) with fresh tokens, pipelined.
-
-        Pipelined calls use EVALSHA directly: redis-py would otherwise ask SCRIPT EXISTS on
-        every pipeline, an extra round trip per claim.
-        """
-        backend = self.backend
-        script = backend._commands["moveToActive"]
-        keys = [self.keys[n] for n in _MOVE_TO_ACTIVE_KEYS]
+        """``count`` moveToActive calls (Node's arguments) with fresh tokens, in one round trip."""
+        keys = self._move_to_active_keys
+        prefix = self.keys[""]
+        calls = []
         tokens = [self._next_token() for _ in range(count)]
-        opts = {"lockDuration": self.lock_ms, "limiter": self._limiter}
-
-        def args(token: str) -> list[Any]:
-            packed = msgpack.packb({"token": token, **opts}, use_bin_type=True)
-            return [self.keys[""], _now_ms(), packed]
-
-        if count == 1:
-            results = [await script(keys=keys, args=args(tokens[0]))]
-        else:
-            client = backend._connect()
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for token in tokens:
-                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args(token))
-                    results = await pipe.execute()
-            except redis_errors.NoScriptError:
-                # Redis restarted or flushed its scripts; nothing ran. Load it and retry once.
-                await client.script_load(script.script)
-                async with client.pipeline(transaction=False) as pipe:
-                    for token in tokens:
-                        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args(token))
-                    results = await pipe.execute()
+        for token in tokens:
+            packed = msgpack.packb({"token": token, **self._move_opts}, use_bin_type=True)
+            calls.append(("moveToActive", keys, [prefix, _now_ms(), packed]))
+        results = await self.backend._evalsha_many(calls)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         return [(t, raw2NextJobData(r)) for t, r in zip(tokens, results, strict=True)]
 
     def _claim(self, job_id: str, token: str, raw: dict[str, str]) -> Claim:
@@ -1370,6 +1552,22 @@ def _is_text(value: str) -> bool:
 
 def _strs(values: Any) -> list[str]:
     return [str(value) for value in values]
+
+
+def _bulk(value: Any) -> bytes:
+    """``value`` as a RESP bulk string, encoded as the client's redis-py encoder does (UTF-8 with
+    ``surrogateescape``: a foreign job's bytes are written back as they were read)."""
+    if isinstance(value, bytes):
+        data = value
+    elif isinstance(value, str):
+        data = value.encode("utf-8", "surrogateescape")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        data = b"%d" % value
+    elif isinstance(value, float):
+        data = repr(value).encode()
+    else:
+        raise redis_errors.DataError(f"cannot send {type(value).__name__} {value!r} to Redis")
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _now_ms() -> int:
