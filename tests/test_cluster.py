@@ -338,19 +338,23 @@ async def wait_for_counts(
         await asyncio.sleep(0.02)
 
 
+def command(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def move_slot(clients: list[redis.Redis], slot: int, target: redis.Redis) -> None:
     """Migrate ``slot`` with its keys to ``target``, as ``redis-cli --cluster reshard`` does."""
-    ids = {client: str(client.execute_command("CLUSTER", "MYID")) for client in clients}
-    (source,) = [c for c in clients if c.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)]
+    ids = {client: str(command(client, "CLUSTER", "MYID")) for client in clients}
+    (source,) = [c for c in clients if command(c, "CLUSTER", "COUNTKEYSINSLOT", slot)]
     if source is target:
         return
     port = target.connection_pool.connection_kwargs["port"]
-    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
-    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-    while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-        source.execute_command("MIGRATE", REDIS_HOST, port, "", 0, 5000, "KEYS", *keys)
+    command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    while keys := command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+        command(source, "MIGRATE", REDIS_HOST, port, "", 0, 5000, "KEYS", *keys)
     for client in (target, source, *clients):
-        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        command(client, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
 
 
 async def test_a_worker_follows_its_queue_to_another_node(
