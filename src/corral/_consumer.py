@@ -100,12 +100,10 @@ async def consume(
             held.discard(claim)
             slot_free.set()
 
-    async def run(claim: Claim) -> None:
+    async def run(claim: Claim, task: asyncio.Task[Any]) -> None:
         if claim.message is None:
             await settle(claim, Failed(f"unreadable job: {claim.unreadable}", ""))
             return
-        task = asyncio.current_task()
-        assert task is not None
         running[claim] = task
         try:
             outcome = await dispatch(claim.message)
@@ -120,6 +118,8 @@ async def consume(
         await settle(claim, outcome)
 
     async def slot_loop() -> None:
+        task = asyncio.current_task()  # once per slot: run() records it per job
+        assert task is not None
         while True:
             claim = await ready.get()
             if claim is None:
@@ -127,10 +127,12 @@ async def consume(
             if stop.is_set():
                 await settle(claim, Released())
                 continue
-            await run(claim)
+            await run(claim, task)
 
     async def fetch_loop() -> None:
         stop_wait = asyncio.ensure_future(stop.wait())
+        # A stop request also ends the wait for a free slot, which needs no task per wait then.
+        stop_wait.add_done_callback(lambda _: slot_free.set())
         # Housekeeping first: leases that expired while no worker ran are taken back now.
         await errors.guard(source.maintain(), "housekeeping")
         try:
@@ -138,7 +140,7 @@ async def consume(
                 free = concurrency - len(held)
                 if free <= 0:
                     slot_free.clear()
-                    await _first(stop_wait, slot_free.wait())
+                    await slot_free.wait()
                     continue
                 claims = await errors.guard(source.claim(free), "claiming jobs")
                 if stop.is_set():

@@ -335,7 +335,9 @@ class BullMQBackend(QueueBackend):
         with self._errors("adding jobs"):
             client = await self._ready(*sorted(queues))
             if len(jobs) == 1:  # one script call is atomic on its own: save the MULTI
-                results = [await self._add(None, jobs[0], timestamp)]
+                results = [await self._run(*self._add_call(jobs[0], timestamp))]
+            elif self._wire is not None:
+                results = await self._add_atomically(self._wire, jobs, timestamp)
             else:
                 # MULTI/EXEC: nothing is applied unless the whole batch reaches Redis.
                 await self._load_scripts(client, *_ADD_SCRIPTS)
@@ -352,8 +354,39 @@ class BullMQBackend(QueueBackend):
             self._source.wake()
         return ids
 
-    async def _add(self, pipe: Any, job: NewJob, timestamp: int) -> Any:
-        """Run one add script (on ``pipe`` when given), choosing it as Node's ``Job.addJob``.
+    async def _add_atomically(
+        self, wire: _Wire, jobs: Sequence[NewJob], timestamp: int
+    ) -> list[Any]:
+        """Add ``jobs`` in one MULTI/EXEC, in one round trip: nothing is applied unless the whole
+        batch reaches Redis. The scripts are loaded in the same write (cheap when Redis has
+        them): inside MULTI a missing script would fail its own call alone."""
+        calls = [self._add_call(job, timestamp) for job in jobs]
+        commands = [
+            _pack_command("SCRIPT", "LOAD", self._commands[name].script)
+            for name in sorted({name for name, _, _ in calls})
+        ]
+        commands.append(_pack_command("MULTI"))
+        commands += [self._pack_evalsha(*call) for call in calls]
+        commands.append(_pack_command("EXEC"))
+        replies = await wire.execute(commands)
+        for reply in replies[: -len(calls) - 1]:
+            if isinstance(reply, BaseException):
+                raise reply
+        results = replies[-1]
+        if isinstance(results, BaseException):
+            raise results  # EXECABORT: a call was refused when queued; nothing was applied
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    async def _add(self, pipe: Any, job: NewJob, timestamp: int) -> None:
+        """Queue one add script on ``pipe`` (see :meth:`_add_call`)."""
+        self._queue_script(pipe, *self._add_call(job, timestamp))
+
+    def _add_call(self, job: NewJob, timestamp: int) -> tuple[str, list[str], list[Any]]:
+        """The add script for ``job`` and its keys and arguments, chosen as Node's
+        ``Job.addJob`` chooses.
 
         The add scripts return the existing id for a duplicate ``jobId`` and leave that job as
         it is, so duplicates need no extra check.
@@ -377,10 +410,7 @@ class BullMQBackend(QueueBackend):
             script = "addStandardJob"
             names = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "events"]
             names += ["marker"]
-        if pipe is None:
-            return await self._run(script, [keys[n] for n in names], argv)
-        self._queue_script(pipe, script, [keys[n] for n in names], argv)
-        return None
+        return script, [keys[n] for n in names], argv
 
     def _job_opts(self, job: NewJob) -> dict[str, Any]:
         """The ``opts`` a Node producer writes for the same job (omitted options are absent)."""
@@ -1068,8 +1098,8 @@ class _Source(PullSource):
         return [(t, raw2NextJobData(r)) for t, r in zip(tokens, results, strict=True)]
 
     def _claim(self, job_id: str, token: str, raw: dict[str, str]) -> Claim:
-        opts = _json_object(raw.get("opts"))
-        delivery = _Delivery(raw, opts)
+        options = _job_options(raw.get("opts"))
+        delivery = _Delivery(raw, options.opts)
         if raw.get("defa"):  # stalled too often: BullMQ fails it when next picked up
             delivery.deferred_failure = raw["defa"]
             return Claim(job_id, token, None, unreadable=raw["defa"], extra=delivery)
@@ -1080,7 +1110,7 @@ class _Source(PullSource):
             return Claim(
                 job_id, token, None, unreadable="its name or data is not UTF-8 text", extra=delivery
             )
-        if raw.get("opts") is not None and not isinstance(_lenient_json(raw["opts"]), dict):
+        if not options.is_object:
             return Claim(
                 job_id, token, None, unreadable="its opts are not a JSON object", extra=delivery
             )
@@ -1091,18 +1121,14 @@ class _Source(PullSource):
             return Claim(
                 job_id, token, None, unreadable=f"its data is not JSON ({exc})", extra=delivery
             )
-        try:
-            backoff = Retry.from_bullmq(opts.get("backoff"))
-        except (ValueError, TypeError):
-            backoff = None
-        keep_logs = opts.get("kl", opts.get("keepLogs"))
+        keep_logs = options.keep_logs
         backend = self.backend
 
         async def progress(value: JSON) -> None:
             await backend._update_progress(job_id, value)
 
         async def log(text: str) -> None:
-            await backend._add_log(job_id, text, keep_logs if isinstance(keep_logs, int) else None)
+            await backend._add_log(job_id, text, keep_logs)
 
         message = QueueMessage(
             id=job_id,
@@ -1110,10 +1136,10 @@ class _Source(PullSource):
             data=data,
             queue=self.settings.name,
             attempt=delivery.attempts_made + 1,
-            max_attempts=_max_attempts(opts),
+            max_attempts=options.max_attempts,
             priority=_int(raw.get("priority")),
             enqueued_at=_datetime(_int(raw.get("timestamp"))),
-            backoff=backoff,
+            backoff=options.backoff,
             _progress=progress,
             _log=log,
         )
@@ -1519,6 +1545,41 @@ def _stacktrace(delivery: _Delivery, trace: str) -> str:
     return json.dumps(stack, ensure_ascii=False, separators=(",", ":"))
 
 
+@dataclass(frozen=True, slots=True)
+class _JobOptions:
+    """What a job's ``opts`` JSON says to the worker, parsed once per distinct text."""
+
+    opts: dict[str, Any]  # shared between jobs: read, never changed
+    is_object: bool
+    max_attempts: int
+    backoff: Retry | None
+    keep_logs: int | None
+
+
+_job_options_cache: dict[str | None, _JobOptions] = {}
+_JOB_OPTIONS_CACHE_SIZE = 256  # distinct opts texts kept; jobs of one producer mostly share one
+
+
+def _job_options(text: str | None) -> _JobOptions:
+    cached = _job_options_cache.get(text)
+    if cached is not None:
+        return cached
+    value = _lenient_json(text)
+    opts = value if isinstance(value, dict) else {}
+    keep_logs = opts.get("kl", opts.get("keepLogs"))
+    parsed = _JobOptions(
+        opts=opts,
+        is_object=text is None or isinstance(value, dict),
+        max_attempts=_max_attempts(opts),
+        backoff=_lenient_backoff(opts.get("backoff")),
+        keep_logs=keep_logs if isinstance(keep_logs, int) else None,
+    )
+    if len(_job_options_cache) >= _JOB_OPTIONS_CACHE_SIZE:
+        _job_options_cache.clear()
+    _job_options_cache[text] = parsed
+    return parsed
+
+
 def _max_attempts(opts: Mapping[str, Any]) -> int:
     # Node stores attempts: 0 when none was given, which means a single attempt.
     return max(1, _int(opts.get("attempts")))
@@ -1568,6 +1629,11 @@ def _bulk(value: Any) -> bytes:
     else:
         raise redis_errors.DataError(f"cannot send {type(value).__name__} {value!r} to Redis")
     return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _pack_command(*args: Any) -> bytes:
+    """A command in RESP."""
+    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
 
 
 def _now_ms() -> int:
