@@ -501,9 +501,14 @@ async def role_producer(system: str, redis_url: str) -> None:
                 await client.close()
 
 
-async def role_work(client: Client, count: int, concurrency: int, max_s: float, warm: int) -> Data:
-    """Drain ``count`` prefilled jobs at ``concurrency``; report the time and the RSS."""
+async def role_work(
+    client: Client, count: int, concurrency: int, max_s: float, warm: int, start_at_us: int = 0
+) -> Data:
+    """Drain ``count`` prefilled jobs at ``concurrency``; report the time and the RSS.
+    ``start_at_us`` (CLOCK_MONOTONIC): start the worker then, with the other worker processes."""
     await client.open()
+    if start_at_us:
+        await asyncio.sleep(max(0.0, (start_at_us - now_us()) / 1e6))
     start_kb = memory_kb()[0]
     meter = Meter(count, warm)
     stop = asyncio.Event()
@@ -533,6 +538,8 @@ async def role_work(client: Client, count: int, concurrency: int, max_s: float, 
         "jobs": meter.jobs,
         "timed_out": timed_out,
         "elapsed_s": (meter.last_us - meter.first_us) / 1e6 if meter.jobs > 1 else 0.0,
+        "first_us": meter.first_us,
+        "last_us": meter.last_us,
         "rss_kb": {
             "start": start_kb,
             "warm": meter.warm_kb or meter.end_kb,
@@ -609,6 +616,7 @@ def runner_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--max-s", type=float, default=120.0)
     parser.add_argument("--warm", type=int, default=100)
+    parser.add_argument("--start-at-us", type=int, default=0)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--gap-min-ms", type=int, default=50)
     parser.add_argument("--gap-max-ms", type=int, default=200)
@@ -620,7 +628,11 @@ def runner_main(argv: Sequence[str] | None = None) -> None:
             return
         client = make_client(args.system, args.queue, args.path, args.redis)
         if args.role == "work":
-            _emit(await role_work(client, args.count, args.concurrency, args.max_s, args.warm))
+            _emit(
+                await role_work(
+                    client, args.count, args.concurrency, args.max_s, args.warm, args.start_at_us
+                )
+            )
         elif args.role == "idle-worker":
             await role_idle_worker(client)
         else:
@@ -845,8 +857,11 @@ def pickup_of(latencies_ms: Sequence[float]) -> Pickup:
 class Bench:
     """Runs the phases of each system and collects a :class:`SystemResult` per system."""
 
-    def __init__(self, plan: Plan, env: Environment, workdir: Path, progress: Progress) -> None:
+    def __init__(
+        self, plan: Plan, env: Environment, workdir: Path, progress: Progress, processes: int = 1
+    ) -> None:
         self.plan = plan
+        self.processes = processes
         self.env = env
         self.workdir = workdir
         self.progress = progress
@@ -996,31 +1011,38 @@ class Bench:
         plan = self.plan
         count = plan.processed[concurrency]
         where = self.place(system, f"c{concurrency}")
+        shared = self.processes > 1 and system.startswith("corral-")
+        # Several processes each stop after their share, and the jobs a process runs while it
+        # stops are more than its share: extra jobs keep the last process from running dry.
+        extra = self.processes * max(concurrency, 100) * 2 if shared else 0
         try:
             producer.call(
                 {
                     "op": "enqueue",
                     **where,
-                    "count": count,
+                    "count": count + extra,
                     "batch": plan.bulk_batch,
                     "prefill": True,
                 },
-                self._enqueue_timeout(count),
+                self._enqueue_timeout(count + extra),
             )
             producer.call({"op": "close", **where}, 30)
-            worker = self.spawn(
-                system,
-                "work",
-                **where,
-                count=count,
-                concurrency=concurrency,
-                max_s=plan.max_phase_s,
-                warm=plan.warm_jobs,
-            )
-            try:
-                answer = worker.receive(plan.max_phase_s + 60)
-            finally:
-                worker.finish()
+            if shared:
+                answer = self._processed_by_processes(system, where, count, concurrency)
+            else:
+                worker = self.spawn(
+                    system,
+                    "work",
+                    **where,
+                    count=count,
+                    concurrency=concurrency,
+                    max_s=plan.max_phase_s,
+                    warm=plan.warm_jobs,
+                )
+                try:
+                    answer = worker.receive(plan.max_phase_s + 60)
+                finally:
+                    worker.finish()
         finally:
             self.discard(system, where)
         if not answer.get("ok"):
@@ -1043,6 +1065,46 @@ class Bench:
                 end_kb=int(rss["end"]),
                 peak_kb=int(answer.get("hwm_kb") or rss["end"]),
             )
+
+    def _processed_by_processes(
+        self, system: str, where: dict[str, Any], count: int, concurrency: int
+    ) -> Data:
+        """``corral worker --processes N``: N worker processes at ``concurrency`` each drain the
+        queue together, each its share of ``count``; they start at the same clock time (after
+        their imports), and the time is from the first job of any to the last job of any."""
+        plan = self.plan
+        start_at_us = now_us() + 3_000_000
+        shares = [count // self.processes] * self.processes
+        shares[0] += count - sum(shares)
+        workers = [
+            self.spawn(
+                system,
+                "work",
+                **where,
+                count=share,
+                concurrency=concurrency,
+                max_s=plan.max_phase_s,
+                warm=min(plan.warm_jobs, share),
+                start_at_us=start_at_us,
+            )
+            for share in shares
+        ]
+        try:
+            answers = [worker.receive(plan.max_phase_s + 60) for worker in workers]
+        finally:
+            for worker in workers:
+                worker.finish()
+        for answer in answers:
+            if not answer.get("ok"):
+                return answer
+        first_us = min(int(a["first_us"]) for a in answers)
+        last_us = max(int(a["last_us"]) for a in answers)
+        return {
+            **answers[0],
+            "jobs": sum(int(a["jobs"]) for a in answers),
+            "timed_out": any(a.get("timed_out") for a in answers),
+            "elapsed_s": (last_us - first_us) / 1e6,
+        }
 
     def _gap_s(self) -> float:
         low, high = self.plan.idle_gap_ms
@@ -1273,8 +1335,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     results, plan = report_from_json(report)
     machine = report["machine"]
     load = machine["load_avg_1m"]
+    processes = int(report["plan"].get("worker_processes", 1))
+    how = f" with {processes} worker processes per corral system" if processes > 1 else ""
     lines = [
-        f"{report['date']}, {report['mode']} run of {_revision_text(report)}, "
+        f"{report['date']}, {report['mode']} run{how} of {_revision_text(report)}, "
         f"{machine['cpus']} cores ({machine['cpu']}), "
         f"{machine['os']}, Python {machine['python']}, SQLite {machine['sqlite']}, "
         f"Redis {machine['redis'] or '-'}, Node {machine['node'] or '-'}{_packages_text(machine)}; "
@@ -1432,8 +1496,10 @@ def run_bench(
     node_script: Path | None = None,
     node_modules: Path | None = None,
     console: Console | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
-    """Run the benchmark and return the report (what ``--json`` writes)."""
+    """Run the benchmark and return the report (what ``--json`` writes). ``processes``: worker
+    processes of corral's systems in the processed phases (``corral worker --processes``)."""
     plan = QUICK if quick else FULL
     chosen = parse_systems(systems)
     console = console or Console(stderr=True)
@@ -1478,7 +1544,7 @@ def run_bench(
     try:
         with _workdir() as workdir, progress:
             task = progress.add_task("starting", total=steps_per_system * len(runnable))
-            bench = Bench(plan, env, workdir, progress)
+            bench = Bench(plan, env, workdir, progress, processes)
             try:
                 for system, version in runnable:
                     results[system] = bench.run_system(system, version, task)
@@ -1509,6 +1575,7 @@ def run_bench(
             "idle_in_process_samples": plan.idle_in_process_samples,
             "idle_gap_ms": list(plan.idle_gap_ms),
             "max_phase_s": plan.max_phase_s,
+            "worker_processes": processes,
         },
         "systems": {name: asdict(result) for name, result in results.items()},
         "checks": [asdict(check) for check in checks],
@@ -1608,6 +1675,15 @@ def bench_command(
             help="A Redis on 127.0.0.1 [default: global --redis-url, env, 127.0.0.1:6379]",
         ),
     ] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Worker processes of corral's systems in the processed phases, as "
+            "`corral worker --processes N` runs them (the others keep one)",
+        ),
+    ] = 1,
 ) -> None:
     """Benchmark corral on SQLite and BullMQ against bullmq, Node.js BullMQ and Huey."""
     from corral.cli import CliState, corral_errors  # the command is registered by corral.cli
@@ -1624,7 +1700,7 @@ def bench_command(
         )
         if REDIS_SYSTEMS & set(chosen):
             check_loopback(url)
-        report = run_bench(quick=quick, systems=chosen, redis_url=url)
+        report = run_bench(quick=quick, systems=chosen, redis_url=url, processes=processes)
     print_report(report, Console(highlight=False))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
