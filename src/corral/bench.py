@@ -525,7 +525,10 @@ async def role_work(
     if worker in done:
         waiting.cancel()
         worker.result()  # raises what the worker raised
-        raise BenchError(f"the worker stopped after {meter.jobs} of {count} jobs")
+        # A worker in another thread may finish before the loop runs the stop callback it
+        # scheduled with the last job: that is a complete run, not an early stop.
+        if meter.jobs < count:
+            raise BenchError(f"the worker stopped after {meter.jobs} of {count} jobs")
     if timed_out:
         meter.last_us = now_us()
         meter.end_kb, meter.peak_kb = memory_kb()
