@@ -259,7 +259,7 @@ class QueueService:
         """
         built: list[NewJob] = []
         for index, item in enumerate(jobs):
-            if not isinstance(item, Mapping) or "name" not in item:
+            if (type(item) is not dict and not isinstance(item, Mapping)) or "name" not in item:
                 raise PayloadError(f"job #{index} must be a mapping with at least a 'name'")
             try:
                 built.append(self.build_job(**item))
@@ -538,6 +538,8 @@ def _check_name(name: Any, *, error: type[Exception] = ConfigError) -> None:
 
 
 def _check_attempts(attempts: Any, *, error: type[Exception] = ConfigError) -> None:
+    if type(attempts) is int and 1 <= attempts <= MAX_ATTEMPTS:
+        return  # the common case, without the isinstance chain
     if (
         isinstance(attempts, bool)
         or not isinstance(attempts, int)
