@@ -132,3 +132,17 @@ class QueueBackend(ABC):
     async def close(self) -> None:
         """Release connections and files. Idempotent; returns promptly even if the storage is
         unreachable."""
+
+
+def dead_letter_id(queue: str, job_id: str) -> str:
+    """The id of a job's dead-lettered copy, the same on every backend: fixed, so a failure
+    recorded twice (at-least-once) adds the copy once."""
+    return f"{queue}.{job_id}"
+
+
+def dead_letter_note(queue: str, job_id: str, attempts_made: int, reason: str) -> str:
+    """The log line a dead-lettered copy carries: where it came from and why."""
+    return (
+        f"dead-lettered from queue {queue!r} job {job_id} after {attempts_made} attempt(s): "
+        f"{reason}"
+    )

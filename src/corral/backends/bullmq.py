@@ -64,7 +64,7 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from corral._consumer import Claim, PullSource, consume
-from corral.backends.base import QueueBackend
+from corral.backends.base import QueueBackend, dead_letter_id, dead_letter_note
 from corral.errors import BackendConnectionError, BackendError, LeaseLostError
 from corral.message import (
     JSON,
@@ -1296,9 +1296,8 @@ class _Source(PullSource):
             backoff=_lenient_backoff(delivery.opts.get("backoff")),
             queue=target,
         )
-        note = (
-            f"dead-lettered from queue {self.settings.name!r} job {claim.job_id} after "
-            f"{delivery.attempts_made + 1} attempt(s): {reason}"
+        note = dead_letter_note(
+            self.settings.name, claim.job_id, delivery.attempts_made + 1, reason
         )
         copy_key = backend._keys(target)[""] + (copy.job_id or "")
         keys, args = self._finish_call(claim, delivery, "failed", reason, now, fields)
@@ -1493,11 +1492,6 @@ def _node_url(url: str, host: str, port: int) -> str:
     credentials, at, _ = parts.netloc.rpartition("@")
     address = f"[{host}]" if ":" in host else host
     return urlunsplit(parts._replace(netloc=f"{credentials}{at}{address}:{port}"))
-
-
-def dead_letter_id(queue: str, job_id: str) -> str:
-    """The id of a dead-lettered copy (as on SQLite): fixed, so a repeated failure adds it once."""
-    return f"{queue}.{job_id}"
 
 
 def _worker_client_name(settings: QueueSettings) -> str:

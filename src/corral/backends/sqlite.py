@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from corral._consumer import Claim, PullSource, consume
-from corral.backends.base import QueueBackend
+from corral.backends.base import QueueBackend, dead_letter_id, dead_letter_note
 from corral.errors import BackendConnectionError, BackendError, LeaseLostError
 from corral.message import (
     JSON,
@@ -778,10 +778,7 @@ class _Source(PullSource):
         ).fetchone()
         custom_id, name, data, max_attempts, backoff, attempts_made = row
         origin = custom_id if custom_id is not None else str(seq)
-        note = (
-            f"dead-lettered from queue {self.queue!r} job {origin} after {attempts_made} "
-            f"attempt(s): {error}"
-        )
+        note = dead_letter_note(self.queue, origin, attempts_made, error)
         conn.execute(
             _INSERT + " ON CONFLICT DO NOTHING",
             (
@@ -975,11 +972,6 @@ def _parse_backoff(text: str) -> Retry | None:
 @functools.lru_cache(maxsize=256)
 def _backoff_json(backoff: Retry) -> str:
     return json.dumps(backoff.to_bullmq())
-
-
-def dead_letter_id(queue: str, job_id: str) -> str:
-    """The id of a dead-lettered copy: fixed, so a repeated failure adds it once."""
-    return f"{queue}.{job_id}"
 
 
 def _lenient_json(text: str | None) -> Any:
