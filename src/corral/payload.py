@@ -89,6 +89,17 @@ def decode_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply to decode") from None
 
 
+def decode_lenient(text: str | None) -> Any:
+    """Decode a stored JSON field for display: ``None`` stays ``None``, unreadable text is
+    returned as it is (``get_job`` shows what is there rather than failing)."""
+    if text is None:
+        return None
+    try:
+        return decode_json(text)
+    except (ValueError, UnicodeDecodeError):
+        return text
+
+
 _SCALARS = (str, int, float, type(None))
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")

@@ -79,7 +79,7 @@ from corral.message import (
     Released,
     RetryLater,
 )
-from corral.payload import decode_json, encode_payload
+from corral.payload import decode_json, decode_lenient, encode_payload
 from corral.retry import Retry
 from corral.settings import QueueSettings
 
@@ -694,7 +694,7 @@ class BullMQBackend(QueueBackend):
         return JobInfo(
             id=job_id,
             name=raw.get("name", ""),
-            data=_lenient_json(raw.get("data")),
+            data=decode_lenient(raw.get("data")),
             queue=self.queue_name,
             state=state,
             attempts_made=_int(raw.get("atm")),
@@ -703,10 +703,10 @@ class BullMQBackend(QueueBackend):
             enqueued_at=_datetime(_int(raw.get("timestamp"))),
             run_at=run_at,
             finished_at=_datetime(_int(raw["finishedOn"])) if raw.get("finishedOn") else None,
-            result=_lenient_json(raw.get("returnvalue")),
+            result=decode_lenient(raw.get("returnvalue")),
             error=raw.get("failedReason") or None,
             traceback=str(stack[-1]) if stack else None,
-            progress=_lenient_json(raw.get("progress")),
+            progress=decode_lenient(raw.get("progress")),
             logs=list(logs),
         )
 
@@ -1558,7 +1558,7 @@ def _job_options(text: str | None) -> _JobOptions:
     cached = _job_options_cache.get(text)
     if cached is not None:
         return cached
-    value = _lenient_json(text)
+    value = decode_lenient(text)
     opts = value if isinstance(value, dict) else {}
     keep_logs = opts.get("kl", opts.get("keepLogs"))
     parsed = _JobOptions(
@@ -1638,22 +1638,13 @@ def _datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def _lenient_json(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return decode_json(text)
-    except (ValueError, UnicodeDecodeError):
-        return text
-
-
 def _json_object(text: str | None) -> dict[str, Any]:
-    value = _lenient_json(text)
+    value = decode_lenient(text)
     return value if isinstance(value, dict) else {}
 
 
 def _json_list(text: str | None) -> list[Any]:
-    value = _lenient_json(text)
+    value = decode_lenient(text)
     return value if isinstance(value, list) else []
 
 

@@ -49,7 +49,7 @@ from corral.message import (
     Released,
     RetryLater,
 )
-from corral.payload import decode_json
+from corral.payload import decode_json, decode_lenient
 from corral.retry import Retry
 from corral.settings import QueueSettings
 
@@ -504,7 +504,7 @@ class SQLiteBackend(QueueBackend):
         return JobInfo(
             id=custom_id if custom_id is not None else str(seq),
             name=name,
-            data=_lenient_json(data),
+            data=decode_lenient(data),
             queue=queue,
             state=JobState(state),
             attempts_made=attempts_made,
@@ -513,11 +513,11 @@ class SQLiteBackend(QueueBackend):
             enqueued_at=_dt(enqueued_at) or datetime.fromtimestamp(0, UTC),
             run_at=_dt(run_at),
             finished_at=_dt(finished_at),
-            result=_lenient_json(result),
+            result=decode_lenient(result),
             error=error,
             traceback=trace,
-            progress=_lenient_json(progress),
-            logs=[str(line) for line in (_lenient_json(logs) or [])],
+            progress=decode_lenient(progress),
+            logs=[str(line) for line in (decode_lenient(logs) or [])],
         )
 
 
@@ -972,15 +972,6 @@ def _parse_backoff(text: str) -> Retry | None:
 @functools.lru_cache(maxsize=256)
 def _backoff_json(backoff: Retry) -> str:
     return json.dumps(backoff.to_bullmq())
-
-
-def _lenient_json(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return decode_json(text)
-    except (ValueError, UnicodeDecodeError):
-        return text
 
 
 def _wrap(path: str, exc: sqlite3.DatabaseError) -> BackendError:
