@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -9,13 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from corral import QueueService, QueueSettings
+from corral import JobState, QueueService, QueueSettings
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -137,3 +138,36 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+async def run_worker_until(
+    service: QueueService,
+    done: Callable[[], Awaitable[bool]],
+    *,
+    timeout_s: float = 15.0,
+    concurrency: int | None = None,
+) -> None:
+    """Run a worker until ``done()`` holds, then stop it gracefully."""
+    worker = asyncio.create_task(service.start_worker(concurrency=concurrency))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not await done():
+            if worker.done():
+                worker.result()
+                raise AssertionError("worker stopped before the condition held")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"condition not met within {timeout_s}s: {await service.counts()}"
+                )
+            await asyncio.sleep(0.02)
+    finally:
+        service.stop()
+        await asyncio.wait_for(worker, 15)
+
+
+def finished(service: QueueService, total: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        counts = await service.counts()
+        return counts[JobState.COMPLETED] + counts[JobState.FAILED] >= total
+
+    return check

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,41 +19,7 @@ from corral import (
     UnrecoverableError,
 )
 
-from conftest import SettingsFactory
-
-
-async def run_worker_until(
-    service: QueueService,
-    done: Callable[[], Awaitable[bool]],
-    *,
-    timeout_s: float = 15.0,
-    concurrency: int | None = None,
-) -> None:
-    """Run a worker until ``done()`` holds, then stop it gracefully."""
-    worker = asyncio.create_task(service.start_worker(concurrency=concurrency))
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not await done():
-            if worker.done():
-                worker.result()
-                raise AssertionError("worker stopped before the condition held")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"condition not met within {timeout_s}s: {await service.counts()}"
-                )
-            await asyncio.sleep(0.02)
-    finally:
-        service.stop()
-        await asyncio.wait_for(worker, 15)
-
-
-def finished(service: QueueService, total: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        counts = await service.counts()
-        return counts[JobState.COMPLETED] + counts[JobState.FAILED] >= total
-
-    return check
-
+from conftest import SettingsFactory, finished, run_worker_until
 
 # -- producing ---------------------------------------------------------------------------------
 

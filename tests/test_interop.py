@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import redis
 from corral import JobState, QueueMessage, QueueService, Retry
 from corral.backends.bullmq import LIB_VERSION
 
-from conftest import SettingsFactory, missing
+from conftest import SettingsFactory, finished, missing, run_worker_until
 
 pytestmark = pytest.mark.node
 
@@ -87,35 +86,6 @@ def node_args(settings: Any, **extra: Any) -> dict[str, Any]:
     return {"url": settings.redis_url, "queue": settings.name, "prefix": settings.prefix, **extra}
 
 
-async def run_corral_worker_until(
-    service: QueueService,
-    done: Callable[[], Awaitable[bool]],
-    *,
-    concurrency: int = 1,
-    timeout_s: float = 20.0,
-) -> None:
-    worker = asyncio.create_task(service.start_worker(concurrency=concurrency))
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not await done():
-            if worker.done():
-                worker.result()
-                raise AssertionError("worker stopped early")
-            assert time.monotonic() < deadline, await service.counts()
-            await asyncio.sleep(0.02)
-    finally:
-        service.stop()
-        await asyncio.wait_for(worker, 15)
-
-
-def settled(service: QueueService, total: int) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        counts = await service.counts()
-        return counts[JobState.COMPLETED] + counts[JobState.FAILED] >= total
-
-    return check
-
-
 PAYLOAD = {"text": "héllo ✓ \u2028", "n": [1, 2.5, -3], "deep": {"a": None, "b": [True, {}]}}
 
 
@@ -155,7 +125,7 @@ async def test_node_producer_to_corral_worker(
 
         for name in ("echo", "flaky", "jittery", "later", "prio"):
             service.handler(name)(record)
-        await run_corral_worker_until(service, settled(service, 6))
+        await run_worker_until(service, finished(service, 6), concurrency=1, timeout_s=20)
 
         by_name: dict[str, list[tuple[QueueMessage, float]]] = {}
         for message, at in seen:
@@ -320,7 +290,7 @@ async def test_node_view_of_a_running_corral_worker(
             bad_id = await service.enqueue("bad", None, attempts=1)
             gate.set()
             deadline = time.monotonic() + 10
-            while not await settled(service, 2)():
+            while not await finished(service, 2)():
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
             view = await run_node("inspect.mjs", node_args(settings, jobIds=[hold_id, bad_id]))

@@ -33,7 +33,6 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
-import ipaddress
 import json
 import os
 import platform
@@ -72,7 +71,7 @@ from corral import __version__
 from corral.errors import ConfigError, CorralError
 from corral.message import QueueMessage
 from corral.service import QueueService
-from corral.settings import QueueSettings, redact_url
+from corral.settings import QueueSettings, is_loopback_url, redact_url
 
 SCHEMA = "corral-bench/1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -1633,12 +1632,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 def check_loopback(url: str) -> str:
     """``url`` if it names a Redis on this machine; a benchmark floods the Redis it is given."""
-    host = urlsplit(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_url(url):
         raise ConfigError(
             f"corral bench only uses a Redis on this machine (127.0.0.1, ::1, localhost), "
             f"not {redact_url(url)}; pass --redis-url redis://127.0.0.1:6379/0"

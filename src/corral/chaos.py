@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -41,7 +40,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any
-from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -50,7 +48,7 @@ from rich.table import Table
 from corral.errors import ConfigError
 from corral.message import JobState
 from corral.service import QueueService
-from corral.settings import QueueSettings, redact_url
+from corral.settings import QueueSettings, is_loopback_url, redact_url
 
 logger = logging.getLogger("corral.chaos")
 
@@ -122,15 +120,7 @@ def _check_range(option: str, value: float, low: float, high: float) -> None:
 
 def check_local_redis(url: str) -> None:
     """Refuse a Redis that is not on this machine: the harness floods and deletes its queue."""
-    try:
-        host = urlsplit(url).hostname or ""
-    except ValueError:
-        host = ""
-    try:
-        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = False
-    if not local:
+    if not is_loopback_url(url):
         raise ConfigError(
             f"corral chaos only runs against a Redis on this machine (127.0.0.1), not "
             f"{redact_url(url)}; start one with: redis-server --port 6379"

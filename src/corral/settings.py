@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -198,6 +199,20 @@ def _check_cluster(redis_url: str, prefix: str) -> None:
         raise ValueError(
             "QUEUE_REDIS_URL names a database other than 0, which Redis Cluster does not have"
         )
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names a host on this machine (127.0.0.0/8, ::1 or localhost)."""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_queue_name(value: str) -> str:
