@@ -29,7 +29,8 @@ from corral import (
     QueueSettings,
     Retry,
 )
-from corral.backends.bullmq import LIB_VERSION, BullMQBackend, _Source, dead_letter_id
+from corral.backends.base import dead_letter_id
+from corral.backends.bullmq import LIB_VERSION, BullMQBackend
 from corral.message import Completed, Failed, NewJob
 
 from conftest import PYTHON, REDIS_HOST, SettingsFactory, missing, python_env, unique_queue_name
@@ -339,7 +340,7 @@ async def test_a_stale_holder_cannot_settle_or_dead_letter(
 ) -> None:
     settings = make_settings(dead_letter=unique_queue_name("dead"), lease_s=5)
     backend = BullMQBackend(settings)
-    source = _Source(backend, burst=False)
+    source = backend.open_source(stop=asyncio.Event(), burst=False)
     try:
         (job_id,) = await backend.enqueue([NewJob("x", "1")])
         (claim,) = await source.claim(5)
@@ -605,16 +606,20 @@ async def test_rediss_url_connects_over_tls(
         assert job is not None and (job.state, job.result) == (JobState.COMPLETED, "over tls")
 
 
-async def test_eviction_policy_warning_is_logged_once(
+async def test_eviction_policy_warning_is_logged_once_by_a_worker(
     scratch_redis: ScratchRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = scratch_redis("--maxmemory-policy", "allkeys-lru")
     settings = QueueSettings(
         backend="bullmq", name=unique_queue_name(), redis_url=f"redis://{REDIS_HOST}:{port}/0"
     )
+    async with QueueService(settings) as service:  # a producer or a CLI command: no warning
+        await service.enqueue("x", 1)
+        await service.counts()
+    assert not [r for r in caplog.records if "maxmemory-policy" in r.getMessage()]
     for _ in range(2):
         async with QueueService(settings) as service:
-            await service.counts()
+            await service.start_worker(burst=True)
     warnings = [r for r in caplog.records if "maxmemory-policy" in r.getMessage()]
     assert len(warnings) == 1 and "allkeys-lru" in warnings[0].getMessage()
 

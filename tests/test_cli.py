@@ -346,6 +346,7 @@ def test_check(corral: Corral, tmp_path: Path) -> None:
 
 
 def test_python_m_corral_worker_check(corral: Corral) -> None:
+    assert corral("stats").returncode == 0  # the database exists once a command used it
     result = subprocess.run(
         [PYTHON, "-m", "corral.worker", "--check"],
         env=python_env(QUEUE_SQLITE_PATH=str(corral.db)),

@@ -25,7 +25,7 @@ from conftest import SettingsFactory, finished, run_worker_until
 
 
 async def test_enqueue_stores_payload_exactly(service: QueueService) -> None:
-    data = {"text": "héllo ✓", "n": 2**60, "f": -0.5, "nested": [1, {"a": None}], "t": True}
+    data = {"text": "héllo ✓", "n": 2**53 - 1, "f": -0.5, "nested": [1, {"a": None}], "t": True}
     job_id = await service.enqueue("echo", data, priority=3, attempts=4)
     job = await service.get_job(job_id)
     assert job is not None

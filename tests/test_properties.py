@@ -30,10 +30,10 @@ from corral import (
     Retry,
     UnrecoverableError,
 )
-from corral.backends.sqlite import SQLiteBackend, _Source
+from corral.backends.sqlite import SQLiteBackend
 from corral.chaos import settings_env
+from corral.jobs import MAX_ATTEMPTS, MAX_DELAY_S, PRIORITY_LIMIT
 from corral.payload import MAX_NESTING, decode_json, encode_payload
-from corral.service import MAX_ATTEMPTS, MAX_DELAY_S, PRIORITY_LIMIT
 
 T = TypeVar("T")
 
@@ -268,7 +268,7 @@ async def check_options(path: Path, options: dict[str, Any]) -> None:
             return
         backend = service.backend
         assert isinstance(backend, SQLiteBackend)
-        (claim,) = await _Source(backend).claim(5)
+        (claim,) = await backend.open_source(stop=asyncio.Event(), burst=False).claim(5)
         assert claim.message is not None, claim.unreadable
         expected_backoff = options["backoff"] or service.settings.backoff
         assert claim.message.backoff == expected_backoff
@@ -407,7 +407,8 @@ def test_settings_from_env_are_valid_or_refused(values: dict[str, str]) -> None:
     # What was accepted survives the trip to a worker process (every field as QUEUE_* text)
     # and to keyword arguments, unchanged.
     assert settings_from_env(settings_env(accepted)) == accepted
-    assert QueueSettings(_env_file=None, **accepted.model_dump()) == accepted  # type: ignore[call-arg]
+    revealed = accepted.model_dump(context={"reveal_secrets": True})
+    assert QueueSettings(_env_file=None, **revealed) == accepted  # type: ignore[call-arg]
     for name in ("lease_s", "backoff_delay_s", "shutdown_grace_s", "poll_interval_s"):
         assert math.isfinite(getattr(accepted, name))
     assert accepted.backoff.delay_ms >= 0

@@ -23,7 +23,7 @@ from corral import (
     QueueService,
     QueueSettings,
 )
-from corral.backends.sqlite import SCHEMA_VERSION, SQLiteBackend, _Source
+from corral.backends.sqlite import SCHEMA_VERSION, SQLiteBackend
 from corral.message import Completed, Failed
 
 from conftest import PYTHON, python_env, unique_queue_name
@@ -166,7 +166,7 @@ async def test_stale_lease_cannot_settle(tmp_path: Path) -> None:
     backend = SQLiteBackend(settings)
     try:
         (job_id,) = await backend.enqueue([QueueService(settings).build_job("x", {"v": 1})])
-        source = _Source(backend)
+        source = backend.open_source(stop=asyncio.Event(), burst=False)
         (stale,) = await source.claim(1)
         await asyncio.sleep(0.3)
         with pytest.raises(LeaseLostError):  # expired, even though nobody took it yet
@@ -333,7 +333,7 @@ def test_schema_is_created_once_by_racing_processes(tmp_path: Path) -> None:
 
 
 def test_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
-    from corral.backends.sqlite import _MIGRATIONS
+    from corral.backends.sqlite.schema import MIGRATIONS as _MIGRATIONS
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
@@ -356,7 +356,9 @@ def test_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
 
     asyncio.run(check())
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"jobs_completed", "jobs_failed"} <= indexes and "jobs_state" not in indexes
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    assert "tracebacks" in columns
     conn.close()

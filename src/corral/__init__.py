@@ -1,15 +1,19 @@
 """corral: a Python job queue with one API over SQLite and BullMQ on Redis."""
 
 from corral.errors import (
+    BackendAuthError,
     BackendConnectionError,
     BackendError,
     ConfigError,
     CorralError,
     HandlerTimeoutError,
+    JobActiveError,
     JobNotFoundError,
     LeaseLostError,
+    MissingDependencyError,
     NoHandlerError,
     PayloadError,
+    TaskModuleError,
     UnrecoverableError,
 )
 from corral.message import JobInfo, JobState, QueueMessage
@@ -20,21 +24,25 @@ from corral.settings import QueueSettings
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendAuthError",
     "BackendConnectionError",
     "BackendError",
     "ConfigError",
     "CorralError",
     "HandlerTimeoutError",
+    "JobActiveError",
     "JobInfo",
     "JobNotFoundError",
     "JobState",
     "LeaseLostError",
+    "MissingDependencyError",
     "NoHandlerError",
     "PayloadError",
     "QueueMessage",
     "QueueService",
     "QueueSettings",
     "Retry",
+    "TaskModuleError",
     "UnrecoverableError",
     "__version__",
 ]

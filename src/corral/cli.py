@@ -26,16 +26,15 @@ from rich.text import Text
 from corral import __version__
 from corral.bench import bench_command
 from corral.chaos import chaos_command
-from corral.errors import ConfigError, CorralError
+from corral.errors import ConfigError, CorralError, JobNotFoundError
+from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from corral.message import JobInfo, JobState
 from corral.service import QueueService
 from corral.settings import QueueSettings
 from corral.worker import (
     EXIT_CONFIG,
     EXIT_ERROR,
-    LOG_LEVELS,
     WorkerOptions,
-    configure_logging,
     exit_process,
     serve,
 )
@@ -300,7 +299,7 @@ def jobs(
             Text(job.id),
             Text(job.name),
             job.state.value,
-            f"{job.attempts_made}/{job.max_attempts}",
+            _attempts(job).replace(" of ", "/"),
             str(job.priority),
             _time(job.enqueued_at),
             Text(_shorten(job.error or "", 60)),
@@ -321,7 +320,8 @@ def job(
 
     info = run(ctx, call)
     if info is None:
-        fail(f"no job with id {job_id!r} in {_where(_state(ctx).settings())}")
+        with corral_errors():
+            raise JobNotFoundError(f"no job with id {job_id!r} in {_where(_state(ctx).settings())}")
     if as_json:
         typer.echo(json.dumps(job_to_dict(info)))
         return
@@ -333,7 +333,7 @@ def job(
         ("name", info.name),
         ("queue", info.queue),
         ("state", info.state.value),
-        ("attempts", f"{info.attempts_made} of {info.max_attempts}"),
+        ("attempts", _attempts(info)),
         ("priority", str(info.priority)),
         ("enqueued", _time(info.enqueued_at)),
     ]
@@ -344,20 +344,29 @@ def job(
     rows.append(("data", json.dumps(info.data)))
     if info.state is JobState.COMPLETED:
         rows.append(("result", json.dumps(info.result)))
-    if info.progress is not None:
-        rows.append(("progress", json.dumps(info.progress)))
+    rows.append(("progress", json.dumps(info.progress)))
     if info.error:
         rows.append(("error", info.error))
     for key, value in rows:
         grid.add_row(key, Text(value))
     out.print(grid)
-    if info.traceback:
-        out.print("traceback:", markup=False)
-        out.print(Text(info.traceback.rstrip()), soft_wrap=True)
+    traces = info.tracebacks or ([info.traceback] if info.traceback else [])
+    for number, trace in enumerate(traces, start=1):
+        heading = "traceback:" if len(traces) == 1 else f"traceback {number} of {len(traces)}:"
+        out.print(heading, markup=False)
+        out.print(Text(trace.rstrip()), soft_wrap=True)
     if info.logs:
         out.print("logs:", markup=False)
         for line in info.logs:
             out.print(Text(f"  {line}"), soft_wrap=True)
+
+
+def _attempts(info: JobInfo) -> str:
+    """Attempts made of those allowed; past the limit (a job retried by hand, e.g. from Bull
+    Board, which keeps the count) it says so instead of "3 of 2"."""
+    if info.attempts_made <= info.max_attempts:
+        return f"{info.attempts_made} of {info.max_attempts}"
+    return f"{info.attempts_made} (retried by hand; {info.max_attempts} allowed)"
 
 
 def job_to_dict(info: JobInfo) -> dict[str, Any]:
@@ -377,6 +386,7 @@ def job_to_dict(info: JobInfo) -> dict[str, Any]:
         "result": info.result,
         "error": info.error,
         "traceback": info.traceback,
+        "tracebacks": list(info.tracebacks),
         "progress": info.progress,
         "logs": list(info.logs),
     }
@@ -486,11 +496,27 @@ def worker(
             help="Task modules (package.module or module:attr) [default: QUEUE_TASKS]",
         ),
     ] = None,
+    queues: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            metavar="NAME[:N]",
+            help="A queue to serve, with its own concurrency after ':' (repeat for several) "
+            "[default: QUEUE_NAMES, else the task modules' queues]",
+        ),
+    ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
-            "--concurrency", "-c", min=1, help="Jobs at once [default: QUEUE_CONCURRENCY]"
+            "--concurrency",
+            "-c",
+            min=1,
+            help="Jobs at once per queue [default: QUEUE_CONCURRENCY]",
         ),
+    ] = None,
+    total_concurrency: Annotated[
+        int | None,
+        typer.Option("--total-concurrency", min=1, help="Jobs at once over all queues"),
     ] = None,
     burst: Annotated[
         bool, typer.Option("--burst", help="Exit once no job is ready to run")
@@ -501,13 +527,22 @@ def worker(
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="Overrides the global --log-level")
     ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format", help=f"One of {', '.join(LOG_FORMATS)} [env: QUEUE_LOG_FORMAT]"
+        ),
+    ] = None,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (a second signal exits at once)."""
     state = _state(ctx)
     code = serve(
         WorkerOptions(
             modules=tuple(modules or ()),
+            queues=tuple(queues or ()),
             concurrency=concurrency,
+            total_concurrency=total_concurrency,
+            log_format=log_format,
             burst=burst,
             processes=processes,
             log_level=log_level or state.log_level,

@@ -23,8 +23,24 @@ class BackendConnectionError(BackendError):
     """The storage (SQLite file, Redis server) could not be reached or opened."""
 
 
+class BackendAuthError(BackendConnectionError):
+    """The storage refused the credentials; retrying will not help until they are fixed."""
+
+
 class LeaseLostError(BackendError):
     """A worker tried to finish a job whose lease it no longer holds; the job was left untouched."""
+
+
+class JobActiveError(BackendError):
+    """The job is active (a worker holds its lease), so it cannot be removed or changed now."""
+
+
+class MissingDependencyError(ConfigError):
+    """A setting needs a package that is not installed; the message names the pip command."""
+
+
+class TaskModuleError(ConfigError):
+    """A task module could not be imported or defines no QueueService."""
 
 
 class JobNotFoundError(CorralError, KeyError):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from corral.errors import PayloadError
+from corral.payload import encode_payload
 from corral.retry import Retry
 
 JSON = Any
@@ -49,7 +51,8 @@ class QueueMessage:
 
     ``data`` is the payload exactly as it was enqueued. ``attempt`` is 1 on the first delivery
     and grows by one with every failed attempt. ``progress()`` and ``log()`` store on the job
-    what ``corral job ID`` (and Bull Board, on the BullMQ backend) show.
+    what ``corral job ID`` (and Bull Board, on the BullMQ backend) show; ``enqueue()`` adds a job
+    to the queue this one came from.
     """
 
     id: str
@@ -61,23 +64,60 @@ class QueueMessage:
     priority: int
     enqueued_at: datetime
     backoff: Retry | None = None
-    _progress: Callable[[JSON], Awaitable[None]] | None = field(default=None, repr=False)
+    _progress: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     _log: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
+    _max_bytes: int = field(default=1_048_576, repr=False)
+    _enqueue: Callable[..., Awaitable[str]] | None = field(default=None, repr=False)
 
     async def progress(self, value: JSON) -> None:
-        """Record the job's progress: a number (0-100) or any JSON value."""
+        """Record the job's progress: a number (0-100) or any JSON value.
+
+        Raises:
+            PayloadError: ``value`` is not plain JSON or is over ``max_payload_bytes``.
+        """
+        text = encode_payload(value, max_bytes=self._max_bytes, what="progress")
         if self._progress is not None:
-            await self._progress(value)
+            await self._progress(text)
 
     async def log(self, text: str) -> None:
-        """Append a line to the job's log."""
+        """Append a line to the job's log.
+
+        Raises:
+            PayloadError: the line is over ``max_payload_bytes``.
+        """
+        line = str(text)
+        if (
+            len(line) > self._max_bytes // 4
+            and len(line.encode("utf-8", "replace")) > self._max_bytes
+        ):
+            raise PayloadError(
+                f"log line is over the limit of {self._max_bytes} bytes "
+                "(QUEUE_MAX_PAYLOAD_BYTES); log less at once"
+            )
         if self._log is not None:
-            await self._log(str(text))
+            await self._log(line)
+
+    async def enqueue(self, name: str, data: JSON = None, **options: Any) -> str:
+        """Add a job to the queue this message came from, on the same storage; return its id.
+
+        Takes the options of :meth:`QueueService.enqueue`.
+        """
+        if self._enqueue is None:
+            raise RuntimeError("this message was not delivered by a worker; use service.enqueue")
+        return await self._enqueue(self.queue, name, data, **options)
 
     @property
     def is_last_attempt(self) -> bool:
         """Whether a failure now fails the job for good."""
         return self.attempt >= self.max_attempts
+
+
+def attempt_text(attempt: int, max_attempts: int) -> str:
+    """``attempt 2/3``; past the limit (a job retried by hand, e.g. from Bull Board, which keeps
+    the attempts made) ``attempt 4 (retried by hand; 3 allowed)``."""
+    if attempt <= max_attempts:
+        return f"attempt {attempt}/{max_attempts}"
+    return f"attempt {attempt} (retried by hand; {max_attempts} allowed)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,5 +175,8 @@ class JobInfo:
     result: JSON = None
     error: str | None = None
     traceback: str | None = None
-    progress: JSON = None
+    """The last attempt's stack trace (``tracebacks[-1]``)."""
+    tracebacks: list[str] = field(default_factory=list)
+    """Every failed attempt's stack trace, oldest first (BullMQ's ``stacktrace`` list)."""
+    progress: JSON = 0
     logs: list[str] = field(default_factory=list)

@@ -24,12 +24,24 @@ def _not_json(constant: str) -> Any:
 _decoder = json.JSONDecoder(parse_constant=_not_json)
 
 
-def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
+MAX_SAFE_INTEGER = 2**53 - 1
+"""JavaScript's ``Number.MAX_SAFE_INTEGER``: past it Node.js reads an integer rounded."""
+
+_LONG_DIGITS = re.compile(r"\d{16,}")
+
+
+def encode_payload(
+    data: Any, *, max_bytes: int, what: str = "payload", safe_integers: bool = False
+) -> str:
     """Encode ``data`` as compact JSON, refusing anything that would not come back equal.
+
+    With ``safe_integers`` (a queue shared with Node.js) an integer beyond ±(2**53 - 1) is
+    refused too: JavaScript would read it rounded.
 
     Raises:
         PayloadError: ``data`` is not plain JSON (a set, bytes, a tuple, NaN, a non-string
-            dict key, a lone surrogate...) or its encoding exceeds ``max_bytes``.
+            dict key, a lone surrogate...), its encoding exceeds ``max_bytes``, or (with
+            ``safe_integers``) it holds an integer JavaScript cannot represent.
     """
     try:
         text = _encoder.encode(data)
@@ -61,6 +73,15 @@ def encode_payload(data: Any, *, max_bytes: int, what: str = "payload") -> str:
         raise PayloadError(
             f"{what} nests lists and objects more than {MAX_NESTING} levels deep; flatten it"
         )
+    if safe_integers and _LONG_DIGITS.search(text):
+        found = _unsafe_integer(data)
+        if found is not None:
+            raise PayloadError(
+                f"{what} holds the integer {found[1]} at {found[0]}, beyond ±{MAX_SAFE_INTEGER} "
+                "(2**53 - 1): Node.js BullMQ workers and Bull Board would read it rounded. Send "
+                "it as a string, or set QUEUE_ALLOW_UNSAFE_INTEGERS=true if only Python reads "
+                "this queue"
+            )
     if size < 256 and _plain(data, 3):
         return text  # small and made only of exact JSON types: nothing can change on the way
     try:
@@ -143,6 +164,20 @@ def _same(back: Any, data: Any) -> bool:
         return bool(back == data)
     except RecursionError:
         return False
+
+
+def _unsafe_integer(data: Any) -> tuple[str, int] | None:
+    """Where ``data`` holds an integer beyond ±MAX_SAFE_INTEGER, and which, if it does."""
+    stack: list[tuple[str, Any]] = [("payload", data)]
+    while stack:
+        path, value = stack.pop()
+        if type(value) is int and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            return path, value
+        if isinstance(value, dict):
+            stack.extend((f"{path}[{key!r}]", item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def _first_difference(data: Any) -> str:

@@ -3,62 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextvars
-import functools
-import inspect
 import logging
 import math
-import threading
-import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
-from corral.errors import (
-    ConfigError,
-    HandlerTimeoutError,
-    PayloadError,
-    UnrecoverableError,
-)
-from corral.message import (
-    Completed,
-    Failed,
-    JobInfo,
-    JobState,
-    NewJob,
-    Outcome,
-    QueueMessage,
-    RetryLater,
-)
-from corral.payload import encode_payload
-from corral.retry import MAX_DELAY_MS, Retry
+from corral.errors import ConfigError, MissingDependencyError, PayloadError
+from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, is_async
+from corral.jobs import check_attempts, check_name, new_job
+from corral.message import JobInfo, JobState, NewJob, Outcome, QueueMessage
+from corral.retry import Retry
 from corral.settings import QueueSettings
 
 logger = logging.getLogger("corral.worker")
 
-Handler = Callable[[QueueMessage], Any]
 H = TypeVar("H", bound=Handler)
-T = TypeVar("T")
 
-PRIORITY_LIMIT = 2**21 - 1  # BullMQ's limit, so a job is valid on either backend
-MAX_NAME_LENGTH = 200
-MAX_JOB_ID_LENGTH = 256
-MAX_ATTEMPTS = 1_000_000  # as QUEUE_ATTEMPTS; counters must fit SQLite's integers
-MAX_DELAY_S = MAX_DELAY_MS / 1000
-
-
-@dataclass(frozen=True, slots=True)
-class HandlerSpec:
-    """A registered handler and its defaults."""
-
-    name: str
-    fn: Handler
-    is_async: bool
-    attempts: int | None
-    backoff: Retry | None
-    timeout_s: float | None
+REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
 
 
 class QueueService:
@@ -80,9 +43,9 @@ class QueueService:
         self.handlers: dict[str, HandlerSpec] = {}
         self._backend: QueueBackend | None = None
         self._stop = asyncio.Event()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._sync: _SyncRunner | None = None
-        self._default_backoff = self.settings.backoff
+        self._sync = SyncRunner(self._init_backend)
+        self.stuck: str | None = None
+        """Why the last worker run stopped on its own (too many abandoned handler threads)."""
 
     def __repr__(self) -> str:
         s = self.settings
@@ -106,9 +69,9 @@ class QueueService:
         ``backoff`` are the defaults for jobs of this name enqueued from a process that
         registered the handler; ``timeout_s`` fails an attempt that runs longer.
         """
-        _check_name(name)
+        check_name(name)
         if attempts is not None:
-            _check_attempts(attempts)
+            check_attempts(attempts)
         if timeout_s is not None and not (
             isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0
         ):
@@ -122,7 +85,7 @@ class QueueService:
             if name in self.handlers and self.handlers[name].fn is not fn:
                 raise ConfigError(f"a handler is already registered for {name!r}")
             self.handlers[name] = HandlerSpec(
-                name, fn, _is_async(fn), attempts, backoff, float(timeout_s) if timeout_s else None
+                name, fn, is_async(fn), attempts, backoff, float(timeout_s) if timeout_s else None
             )
             return fn
 
@@ -148,10 +111,10 @@ class QueueService:
         if kind == "bullmq":
             try:
                 from corral.backends.bullmq import BullMQBackend
-            except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ConfigError(
-                    f"QUEUE_BACKEND=bullmq needs the 'bullmq' and 'redis' packages ({exc}); "
-                    "install them with: pip install 'bullmq==3.4.4' redis"
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    f"QUEUE_BACKEND=bullmq needs the Redis extra ({exc.name or exc} is not "
+                    f"installed); install it with: {REDIS_EXTRA_HINT}"
                 ) from exc
             return BullMQBackend(self.settings)
         raise ConfigError(f"QUEUE_BACKEND must be 'sqlite' or 'bullmq', got {kind!r}")
@@ -163,7 +126,20 @@ class QueueService:
             self._backend = self._init_backend()
         return self._backend
 
+    def use_settings(self, settings: QueueSettings) -> None:
+        """Replace the settings (a worker applying its command line); before first use only."""
+        if self._backend is not None:
+            raise ConfigError(
+                f"{self!r} was already used; settings can only change before its first call"
+            )
+        self.settings = settings
+
     # -- producing -------------------------------------------------------------------------
+
+    @property
+    def _safe_integers(self) -> bool:
+        # A queue in Redis is shared with Node.js by design, whose numbers are doubles.
+        return self.settings.backend == "bullmq" and not self.settings.allow_unsafe_integers
 
     def build_job(
         self,
@@ -178,44 +154,22 @@ class QueueService:
         queue: str | None = None,
     ) -> NewJob:
         """Validate a job and encode its payload; raise PayloadError before anything is written."""
-        _check_name(name, error=PayloadError)
-        # Fast paths first: the defaults (0) are by far the most common values.
-        if (delay_s != 0 or type(delay_s) is not int) and (
-            isinstance(delay_s, bool)
-            or not isinstance(delay_s, int | float)
-            or not (math.isfinite(delay_s) and 0 <= delay_s <= MAX_DELAY_S)
-        ):
-            raise PayloadError(
-                f"delay_s must be a finite number from 0 to {MAX_DELAY_S:.0f} (a year), "
-                f"got {delay_s!r}"
-            )
-        if type(priority) is not int or not (0 <= priority <= PRIORITY_LIMIT):
-            raise PayloadError(
-                f"priority must be a whole number from 0 (first) to {PRIORITY_LIMIT}, "
-                f"got {priority!r}"
-            )
-        spec = self.handlers.get(name)
+        spec = self.handlers.get(name) if type(name) is str else None
         if attempts is None:
             attempts = spec.attempts if spec and spec.attempts else self.settings.attempts
-        _check_attempts(attempts, error=PayloadError)
         if backoff is None:
-            backoff = spec.backoff if spec and spec.backoff else self._default_backoff
-        if not isinstance(backoff, Retry):
-            raise PayloadError(
-                f"backoff must be a Retry (Retry.fixed/exponential), got {backoff!r}"
-            )
-        if job_id is not None:
-            _check_job_id(job_id)
-        data_json = encode_payload(data, max_bytes=self.settings.max_payload_bytes)
-        return NewJob(
-            name=name,
-            data_json=data_json,
-            job_id=job_id,
-            delay_ms=round(delay_s * 1000),
+            backoff = spec.backoff if spec and spec.backoff else self.settings.backoff
+        return new_job(
+            name,
+            data,
+            delay_s=delay_s,
             priority=priority,
             attempts=attempts,
             backoff=backoff,
+            job_id=job_id,
             queue=queue,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            safe_integers=self._safe_integers,
         )
 
     async def enqueue(
@@ -250,13 +204,7 @@ class QueueService:
         (job_id_out,) = await self.backend.enqueue([job])
         return job_id_out
 
-    async def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Add several jobs atomically (all or none) and return their ids in order.
-
-        Each item holds the keyword arguments of :meth:`enqueue`:
-        ``{"name": "resize", "data": {...}, "delay_s": 5}``. Every job is validated first; one
-        bad job raises PayloadError and nothing is written.
-        """
+    def _build_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[NewJob]:
         built: list[NewJob] = []
         for index, item in enumerate(jobs):
             if (type(item) is not dict and not isinstance(item, Mapping)) or "name" not in item:
@@ -267,34 +215,35 @@ class QueueService:
                 raise PayloadError(f"job #{index}: {exc}") from None
             except PayloadError as exc:
                 raise PayloadError(f"job #{index}: {exc}") from None
-        if not built:
-            return []
-        return await self.backend.enqueue(built)
+        return built
+
+    async def enqueue_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Add several jobs atomically (all or none) and return their ids in order.
+
+        Each item holds the keyword arguments of :meth:`enqueue`:
+        ``{"name": "resize", "data": {...}, "delay_s": 5}``. Every job is validated first; one
+        bad job raises PayloadError and nothing is written.
+        """
+        built = self._build_many(jobs)
+        return await self.backend.enqueue(built) if built else []
 
     def enqueue_sync(self, name: str, data: Any = None, **options: Any) -> str:
         """:meth:`enqueue` for synchronous code (Django, Flask, scripts).
 
-        Works whether or not an event loop runs in the calling thread: the call runs on a
-        private background loop with its own connection.
+        Safe from any number of threads, with or without a running event loop: the calls run on
+        one private background loop with its own connection, released by :meth:`close`.
         """
         job = self.build_job(name, data, **options)
-        ids: list[str] = self._run_sync(lambda backend: backend.enqueue([job]))
+        ids: list[str] = self._sync.run(lambda backend: backend.enqueue([job]))
         return ids[0]
 
     def enqueue_many_sync(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
         """:meth:`enqueue_many` for synchronous code."""
-        items = list(jobs)
-
-        async def run(backend: QueueBackend) -> list[str]:
-            return await _with_backend(self, backend).enqueue_many(items)
-
-        result: list[str] = self._run_sync(run)
-        return result
-
-    def _run_sync(self, call: Callable[[QueueBackend], Awaitable[T]]) -> T:
-        if self._sync is None:
-            self._sync = _SyncRunner(self._init_backend)
-        return self._sync.run(call)
+        built = self._build_many(jobs)
+        if not built:
+            return []
+        ids: list[str] = self._sync.run(lambda backend: backend.enqueue(built))
+        return ids
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -302,122 +251,109 @@ class QueueService:
         self,
         concurrency: int | None = None,
         burst: bool = False,
+        *,
+        queues: Sequence[str | QueueSettings] | None = None,
+        total_concurrency: int | None = None,
     ) -> None:
-        """Process jobs until :meth:`stop` is called (or, with ``burst``, the queue is drained).
+        """Process jobs until :meth:`stop` is called (or, with ``burst``, the queues are drained).
+
+        ``queues`` serves several queues of this service's storage in one worker (names, or
+        settings for queues with settings of their own); by default this service's queue.
+        ``concurrency`` is per queue; ``total_concurrency`` caps all queues together.
 
         The loop itself belongs to the backend (``start_consuming``): SQLite claims jobs with
         leases, BullMQ moves them to active with locks. Handler lookup, timeouts and the retry
         arithmetic are the same for both and happen here.
         """
         workers = concurrency if concurrency is not None else self.settings.concurrency
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ConfigError(f"concurrency must be a whole number >= 1, got {workers!r}")
+        for value, what in ((workers, "concurrency"), (total_concurrency, "total_concurrency")):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"{what} must be a whole number >= 1, got {value!r}")
+        served = self._served(queues, workers)
         if not self.handlers:
             logger.warning(
                 "no handlers are registered; every job will fail "
                 "(pass task modules with QUEUE_TASKS or `corral worker MODULE`)"
             )
         self._stop = asyncio.Event()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="corral-handler"
+        self.stuck = None
+        slots = sum(each.concurrency for each in served)
+        if total_concurrency is not None:
+            slots = min(slots, total_concurrency)
+        threads = HandlerThreads(slots, max_abandoned=max(4, slots))
+        dispatch = Dispatcher(
+            self.handlers,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            safe_integers=self._safe_integers,
+            threads=threads,
+            enqueue=self._enqueue_to,
         )
+
+        async def run(message: QueueMessage) -> Outcome:
+            outcome = await dispatch(message)
+            if threads.overflowing and self.stuck is None:
+                self.stuck = (
+                    f"{len(threads.abandoned)} synchronous handler threads are still running "
+                    "past their timeout_s; stopping this worker so that its process can be "
+                    "restarted (only that frees them; isolate such handlers in a process)"
+                )
+                logger.error("%s", self.stuck)
+                self.stop()
+            return outcome
+
         logger.info(
-            "worker started: queue=%r backend=%s concurrency=%d handlers=%s",
-            self.settings.name,
+            "worker started: %s backend=%s handlers=%s",
+            ", ".join(f"queue={each.name!r} concurrency={each.concurrency}" for each in served),
             self.settings.backend,
-            workers,
             ", ".join(sorted(self.handlers)) or "-",
         )
         try:
             await self.backend.start_consuming(
-                self.dispatch, concurrency=workers, stop=self._stop, burst=burst
+                run,
+                concurrency=workers,
+                stop=self._stop,
+                burst=burst,
+                queues=served,
+                total_concurrency=total_concurrency,
             )
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-            logger.info("worker stopped: queue=%r", self.settings.name)
+            threads.shutdown()
+            logger.info("worker stopped: %s", ", ".join(f"queue={each.name!r}" for each in served))
+
+    def _served(
+        self, queues: Sequence[str | QueueSettings] | None, concurrency: int
+    ) -> list[QueueSettings]:
+        if not queues:
+            return [self.settings.model_copy(update={"concurrency": concurrency})]
+        served: list[QueueSettings] = []
+        for queue in queues:
+            if isinstance(queue, QueueSettings):
+                served.append(queue)
+            else:
+                served.append(
+                    self.settings.with_name(queue).model_copy(update={"concurrency": concurrency})
+                )
+        names = [each.name for each in served]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a queue is named twice in {names}")
+        return served
 
     def stop(self) -> None:
         """Ask a running worker to stop claiming and shut down gracefully (signal-safe)."""
         self._stop.set()
 
-    async def dispatch(self, message: QueueMessage) -> Outcome:
-        """Run one delivery through its handler and say what should happen to the job."""
-        spec = self.handlers.get(message.name)
-        if spec is None:
-            error = f"no handler registered for {message.name!r}"
-            logger.error(
-                "job %s %r attempt %d/%d failed: %s",
-                message.id,
-                message.name,
-                message.attempt,
-                message.max_attempts,
-                error,
-            )
-            return Failed(error, "")
-        try:
-            result = await self._call(spec, message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return self._failure(message, exc)
-        try:
-            return Completed(
-                encode_payload(
-                    result, max_bytes=self.settings.max_payload_bytes, what="handler result"
-                )
-            )
-        except PayloadError as exc:
-            # The work ran; repeating it could repeat side effects, so this is final.
-            logger.error("job %s %r attempt %d: %s", message.id, message.name, message.attempt, exc)
-            return Failed(f"{exc}", "")
-
-    async def _call(self, spec: HandlerSpec, message: QueueMessage) -> Any:
-        if spec.is_async:
-            awaitable = spec.fn(message)
-        else:
-            loop = asyncio.get_running_loop()
-            ctx = contextvars.copy_context()
-            awaitable = loop.run_in_executor(self._executor, ctx.run, spec.fn, message)
-        if spec.timeout_s is None:
-            return await awaitable
-        try:
-            return await asyncio.wait_for(awaitable, spec.timeout_s)
-        except TimeoutError:
-            raise HandlerTimeoutError(
-                f"handler {spec.name!r} ran longer than timeout_s={spec.timeout_s:g}"
-            ) from None
-
-    def _failure(self, message: QueueMessage, exc: BaseException) -> Outcome:
-        error = f"{type(exc).__name__}: {exc}"
-        trace = "".join(traceback.format_exception(exc))
-        final = isinstance(exc, UnrecoverableError) or message.attempt >= message.max_attempts
-        if final:
-            logger.error(
-                "job %s %r attempt %d/%d failed for good: %s",
-                message.id,
-                message.name,
-                message.attempt,
-                message.max_attempts,
-                error,
-            )
-            return Failed(error, trace)
-        delay_ms = message.backoff.delay_for(message.attempt) if message.backoff else 0
-        logger.warning(
-            "job %s %r attempt %d/%d failed, retry in %d ms: %s",
-            message.id,
-            message.name,
-            message.attempt,
-            message.max_attempts,
-            delay_ms,
-            error,
-        )
-        return RetryLater(error, trace, delay_ms)
+    async def _enqueue_to(self, queue: str, name: str, data: Any = None, **options: Any) -> str:
+        """``message.enqueue``: a job into ``queue`` on this service's storage."""
+        job = self.build_job(name, data, queue=queue, **options)
+        (job_id,) = await self.backend.enqueue([job])
+        return job_id
 
     # -- managing --------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> JobInfo | None:
-        """The job's state, attempts, result or error with traceback, progress and logs."""
+        """The job's state, attempts, result or error with tracebacks, progress and logs."""
         return await self.backend.get_job(job_id)
 
     async def list_jobs(
@@ -440,7 +376,11 @@ class QueueService:
         return await self.backend.retry_failed(limit=limit)
 
     async def remove(self, job_id: str) -> bool:
-        """Delete a job that is not active; ``False`` if it did not exist."""
+        """Delete a job that is not active; ``False`` if it did not exist.
+
+        Raises:
+            JobActiveError: the job is running; remove it once it finishes.
+        """
         return await self.backend.remove(job_id)
 
     async def pause(self) -> None:
@@ -461,9 +401,7 @@ class QueueService:
 
     async def close(self) -> None:
         """Close the backend and the background loop of the ``*_sync`` calls."""
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        self._sync.close()
         if self._backend is not None:
             backend, self._backend = self._backend, None
             await backend.close()
@@ -473,110 +411,3 @@ class QueueService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-class _SyncRunner:
-    """A private event loop in a daemon thread, with its own backend, for the ``*_sync`` calls."""
-
-    def __init__(self, make_backend: Callable[[], QueueBackend]) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="corral-sync", daemon=True
-        )
-        self._thread.start()
-        self._backend = make_backend()
-        self._lock = threading.Lock()
-
-    def run(self, call: Callable[[QueueBackend], Awaitable[T]]) -> T:
-        async def invoke() -> T:
-            return await call(self._backend)
-
-        future = asyncio.run_coroutine_threadsafe(invoke(), self._loop)
-        return future.result()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._loop.is_closed():
-                return
-            with_timeout = asyncio.wait_for(self._backend.close(), 5.0)
-            try:
-                asyncio.run_coroutine_threadsafe(with_timeout, self._loop).result(6.0)
-            except Exception:  # closing is best effort
-                logger.debug("closing the sync backend failed", exc_info=True)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5.0)
-            self._loop.close()
-
-
-def _with_backend(service: QueueService, backend: QueueBackend) -> QueueService:
-    """A shallow view of ``service`` that talks to ``backend`` (for the sync runner's loop)."""
-    view = QueueService.__new__(QueueService)
-    view.settings = service.settings
-    view.handlers = service.handlers
-    view._backend = backend
-    view._sync = None
-    view._executor = None
-    view._stop = asyncio.Event()
-    view._default_backoff = service._default_backoff
-    return view
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
-
-
-def _check_name(name: Any, *, error: type[Exception] = ConfigError) -> None:
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
-        raise error(
-            f"job name must be a non-empty string of at most {MAX_NAME_LENGTH} "
-            f"characters, got {name!r}"
-        )
-
-
-def _check_attempts(attempts: Any, *, error: type[Exception] = ConfigError) -> None:
-    if type(attempts) is int and 1 <= attempts <= MAX_ATTEMPTS:
-        return  # the common case, without the isinstance chain
-    if (
-        isinstance(attempts, bool)
-        or not isinstance(attempts, int)
-        or not 1 <= attempts <= MAX_ATTEMPTS
-    ):
-        raise error(f"attempts must be a whole number >= 1 and <= {MAX_ATTEMPTS}, got {attempts!r}")
-
-
-def _check_job_id(job_id: Any) -> None:
-    # The rules of Node BullMQ's Job.validateOptions, applied on both backends alike.
-    if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
-        raise PayloadError(
-            f"job_id must be a non-empty string of at most {MAX_JOB_ID_LENGTH} "
-            f"characters, got {job_id!r}"
-        )
-    if ":" in job_id:
-        raise PayloadError(f"job_id may not contain ':' (BullMQ's key separator): {job_id!r}")
-    try:
-        is_integer = job_id.isascii() and str(int(job_id)) == job_id
-    except ValueError:
-        is_integer = False
-    if is_integer:
-        raise PayloadError(
-            f"job_id may not be an integer ({job_id!r}); integers are the ids "
-            "the queue assigns itself. Use e.g. 'order-42'"
-        )
-    if any(ch.isspace() or ord(ch) < 32 for ch in job_id):
-        raise PayloadError(f"job_id may not contain spaces or control characters: {job_id!r}")
-    if not job_id.isascii():
-        try:
-            job_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise PayloadError(
-                f"job_id is not valid Unicode (a lone surrogate): {job_id!r}"
-            ) from None
-
-
-def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion from synchronous code (the CLI's helper)."""
-    return asyncio.run(coro)

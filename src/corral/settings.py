@@ -7,7 +7,15 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from corral.errors import ConfigError
@@ -80,6 +88,11 @@ class QueueSettings(BaseSettings):
     rate_limit_max: int | None = Field(default=None, ge=1)
     rate_limit_duration_s: float = Field(default=1.0, gt=0, le=86400)
     poll_interval_s: float = Field(default=0.02, gt=0, le=60)
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
+    allow_unsafe_integers: bool = False
+    names: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    _explicit: frozenset[str] = PrivateAttr(default=frozenset())
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -87,12 +100,61 @@ class QueueSettings(BaseSettings):
         except ValidationError as exc:
             # `from None`: pydantic's own message echoes raw input, which may hold a password.
             raise ConfigError(_describe(exc)) from None
+        self._explicit = frozenset(values)
 
-    @field_validator("tasks", mode="before")
+    def __eq__(self, other: object) -> bool:
+        # The same values are the same settings, however they were given.
+        if not isinstance(other, QueueSettings):
+            return NotImplemented
+        reveal = {"reveal_secrets": True}
+        return self.model_dump(context=reveal) == other.model_dump(context=reveal)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        """The fields given as arguments (not read from the environment or defaulted)."""
+        return self._explicit
+
+    def with_name(self, name: str) -> QueueSettings:
+        """These settings for the queue ``name`` (same storage, same limits).
+
+        Raises:
+            ConfigError: ``name`` is not a usable queue name.
+        """
+        try:
+            check_queue_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"queue name {name!r} {exc}") from None
+        return self.model_copy(update={"name": name})
+
+    def storage(self) -> tuple[str, ...]:
+        """What identifies the storage these settings point at (queues on it share it)."""
+        if self.backend == "sqlite":
+            return ("sqlite", self.sqlite_path)
+        return ("bullmq", self.redis_url, str(self.redis_cluster), self.prefix)
+
+    @field_serializer("redis_url")
+    def _serialize_secret(self, value: str, info: SerializationInfo) -> str:
+        # Frameworks log settings with model_dump(); the password shows only when asked for:
+        # model_dump(context={"reveal_secrets": True}).
+        context = info.context
+        if isinstance(context, dict) and context.get("reveal_secrets"):
+            return value
+        return redact_url(value)
+
+    @field_validator("tasks", "names", mode="before")
     @classmethod
     def _split_tasks(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("names")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_queue_spec(spec, error=ValueError)
         return value
 
     @field_validator("redis_url")
@@ -213,6 +275,20 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parse_queue_spec(spec: str, *, error: type[Exception] = ConfigError) -> tuple[str, int | None]:
+    """``name`` or ``name:concurrency`` (how ``--queue`` and ``QUEUE_NAMES`` name a queue)."""
+    name, colon, count = spec.strip().partition(":")
+    try:
+        check_queue_name(name)
+    except ValueError as exc:
+        raise error(f"queue {spec!r}: the name {exc}") from None
+    if not colon:
+        return name, None
+    if not count.isdigit() or not 1 <= int(count) <= 10_000:
+        raise error(f"queue {spec!r}: the concurrency after ':' must be a whole number 1-10000")
+    return name, int(count)
 
 
 def check_queue_name(value: str) -> str:

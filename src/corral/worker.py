@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import importlib
 import logging
@@ -32,52 +33,36 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from corral.errors import ConfigError, CorralError
+from corral.errors import ConfigError, CorralError, TaskModuleError
+from corral.handlers import running_sync_handlers
+from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from corral.message import JobState
 from corral.service import QueueService
-from corral.settings import QueueSettings
+from corral.settings import QueueSettings, parse_queue_spec
 
 logger = logging.getLogger("corral.worker")
-
-LOG_LEVEL_ENV = "QUEUE_LOG_LEVEL"
-LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s[%(process)d] %(message)s"
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 
-_HANDLER_THREAD_PREFIX = "corral-handler"
 _HARD_EXIT_DEADLINE_S = 10.0
 
-
-class TaskModuleError(ConfigError):
-    """A task module could not be imported or defines no QueueService."""
-
-
-# -- logging ------------------------------------------------------------------------------------
-
-
-def configure_logging(level: str | None = None, *, default: str = "info") -> None:
-    """Log one line per event to stderr, with a timestamp, at ``level``.
-
-    ``level`` falls back to ``QUEUE_LOG_LEVEL``, then to ``default``.
-
-    Raises:
-        ConfigError: the level is not one of debug, info, warning, error, critical.
-    """
-    name = (level or os.environ.get(LOG_LEVEL_ENV) or default).strip().lower()
-    if name not in LOG_LEVELS:
-        source = "--log-level" if level else LOG_LEVEL_ENV
-        raise ConfigError(f"{source} must be one of {', '.join(LOG_LEVELS)}, got {name!r}")
-    logging.basicConfig(
-        level=name.upper(),
-        format=LOG_FORMAT,
-        datefmt=LOG_DATE_FORMAT,
-        stream=sys.stderr,
-        force=True,
-    )
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_ERROR",
+    "EXIT_OK",
+    "LOG_LEVELS",
+    "Supervisor",
+    "WorkerOptions",
+    "build_worker",
+    "check",
+    "configure_logging",
+    "exit_process",
+    "load_task_services",
+    "main",
+    "serve",
+]
 
 
 # -- task modules -------------------------------------------------------------------------------
@@ -135,35 +120,111 @@ def load_task_services(spec: str) -> list[QueueService]:
     return services
 
 
-def build_service(settings: QueueSettings, task_modules: Sequence[str]) -> QueueService:
-    """A QueueService on ``settings`` with the handlers of every QueueService of the modules."""
+@dataclass(slots=True)
+class WorkerPlan:
+    """What one worker process serves: a service with every handler, and its queues."""
+
+    service: QueueService
+    queues: list[QueueSettings]
+
+
+def build_worker(
+    overrides: Mapping[str, Any],
+    task_modules: Sequence[str],
+    queue_specs: Sequence[str] = (),
+    *,
+    concurrency: int | None = None,
+) -> WorkerPlan:
+    """The worker of the QueueServices the task modules define, with their own settings.
+
+    The command line's settings (``overrides``) apply to each module's service where its code
+    did not set them; where it did and they differ, that is a ConfigError. Every service must
+    use one storage. The queues served are ``queue_specs`` (``name`` or ``name:concurrency``;
+    else ``QUEUE_NAMES``), else the ``--queue`` override, else every service's queue.
+
+    Raises:
+        ConfigError: no or bad task modules, conflicting settings, several storages.
+    """
     if not task_modules:
         raise ConfigError(
             "no task modules to load: name them (corral worker myapp.tasks) "
             "or set QUEUE_TASKS=myapp.tasks"
         )
-    service = QueueService(settings)
+    services: list[QueueService] = []
     for spec in task_modules:
         for found in load_task_services(spec):
-            service.include(found)
-    return service
+            if not any(found is seen for seen in services):
+                services.append(found)
+    for service in services:
+        _apply_overrides(service, overrides)
+    storages = {service.settings.storage() for service in services}
+    if len(storages) > 1:
+        described = "; ".join(f"{service!r}" for service in services)
+        raise ConfigError(
+            "the task modules' services use different storages, and one worker serves one: "
+            f"{described}. Run one worker per storage (corral worker module:service)"
+        )
+    primary = services[0].settings
+    specs = list(queue_specs) or list(primary.names)
+    if not specs:
+        specs = [overrides["name"]] if "name" in overrides else []
+    if not specs:
+        specs = list(dict.fromkeys(service.settings.name for service in services))
+    by_name = {service.settings.name: service.settings for service in services}
+    queues: list[QueueSettings] = []
+    for spec in specs:
+        name, own_concurrency = parse_queue_spec(spec)
+        settings = by_name.get(name) or primary.with_name(name)
+        chosen = own_concurrency or concurrency or settings.concurrency
+        queues.append(settings.model_copy(update={"concurrency": chosen}))
+    names = [queue.name for queue in queues]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a queue is named twice: {', '.join(names)}")
+    worker = QueueService(primary)
+    for service in services:
+        worker.include(service)
+    return WorkerPlan(worker, queues)
+
+
+def _apply_overrides(service: QueueService, overrides: Mapping[str, Any]) -> None:
+    """Give ``service`` the command line's settings where its code set none of its own."""
+    current = service.settings
+    explicit = current.explicit
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if getattr(current, key, value) == value:
+            continue
+        if key in explicit:
+            if key == "name":
+                continue  # the queue it enqueues to; the worker serves the queues it is told
+            raise ConfigError(
+                f"{service!r} sets {key}={getattr(current, key)!r} in its code, and the "
+                f"command line asks for {value!r}; remove one of the two"
+            )
+        changes[key] = value
+    if changes:
+        values = {key: getattr(current, key) for key in explicit}
+        service.use_settings(QueueSettings(**values, **changes))
 
 
 # -- one worker process -------------------------------------------------------------------------
 
 
 async def run_worker(
-    service: QueueService,
+    plan: WorkerPlan,
     *,
-    concurrency: int | None = None,
+    total_concurrency: int | None = None,
     burst: bool = False,
     parent_pid: int | None = None,
 ) -> int:
-    """Run ``service``'s worker with the signal handling of the entry points; return the exit
-    code: 0 after a graceful stop or a drained burst, ``128 + signal`` after a second signal."""
+    """Run the plan's worker with the signal handling of the entry points; return the exit
+    code: 0 after a graceful stop or a drained burst, 1 after the worker stopped on its own
+    (stuck handler threads), ``128 + signal`` after a second signal."""
     loop = asyncio.get_running_loop()
+    service = plan.service
     worker = asyncio.create_task(
-        service.start_worker(concurrency=concurrency, burst=burst), name="corral-worker"
+        service.start_worker(burst=burst, queues=plan.queues, total_concurrency=total_concurrency),
+        name="corral-worker",
     )
     hard_signal: int | None = None
     received = 0
@@ -214,7 +275,9 @@ async def run_worker(
             logger.warning("closing the queue backend failed", exc_info=True)
         for sig in handled:
             loop.remove_signal_handler(sig)
-    return 128 + hard_signal if hard_signal is not None else EXIT_OK
+    if hard_signal is not None:
+        return 128 + hard_signal
+    return EXIT_ERROR if service.stuck else EXIT_OK
 
 
 _early_signals: list[int] = []
@@ -258,22 +321,19 @@ async def _watch_parent(parent_pid: int, service: QueueService) -> None:
 
 
 def exit_process(code: int) -> None:
-    """Exit with ``code``, without waiting for synchronous handlers still running in threads.
+    """Exit with ``code``; without waiting for synchronous handlers still running a job.
 
     A thread cannot be cancelled; its job was already released, so waiting for it would only
-    hold the shutdown past its deadline.
+    hold the shutdown past its deadline. With none running, the exit is a normal one.
     """
-    lingering = [
-        t
-        for t in threading.enumerate()
-        if t.name.startswith(_HANDLER_THREAD_PREFIX) and t.is_alive()
-    ]
-    if lingering:
+    running = running_sync_handlers()
+    if running:
         logger.warning(
             "%d synchronous handler(s) still running after shutdown; exiting without them "
             "(their jobs were released and will run again)",
-            len(lingering),
+            running,
         )
+        atexit._run_exitfuncs()  # what a normal exit runs (error reporters flush their queues)
         _flush_and_exit(code)
     sys.exit(code)
 
@@ -465,10 +525,15 @@ class WorkerOptions:
 
     modules: tuple[str, ...] = ()
     """Task modules; empty means ``QUEUE_TASKS``."""
+    queues: tuple[str, ...] = ()
+    """Queues to serve (``name`` or ``name:concurrency``); empty means ``QUEUE_NAMES``, else
+    the task modules' queues."""
     concurrency: int | None = None
+    total_concurrency: int | None = None
     burst: bool = False
     processes: int = 1
     log_level: str | None = None
+    log_format: str | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     """QueueSettings keyword arguments that win over the environment (the CLI's options)."""
     parent_pid: int | None = None
@@ -481,26 +546,33 @@ def serve(options: WorkerOptions) -> int:
     code 2 rather than a crash loop.
     """
     try:
-        configure_logging(options.log_level)
+        configure_logging(options.log_level, fmt=options.log_format)
         if options.processes == 1:
             _catch_early_signals()
-        if options.processes < 1:
-            raise ConfigError(f"--processes must be >= 1, got {options.processes}")
-        if options.concurrency is not None and options.concurrency < 1:
-            raise ConfigError(f"--concurrency must be >= 1, got {options.concurrency}")
+        for value, flag in (
+            (options.processes, "--processes"),
+            (options.concurrency, "--concurrency"),
+            (options.total_concurrency, "--total-concurrency"),
+        ):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
         settings = QueueSettings(**options.overrides)
         modules = options.modules or tuple(settings.tasks)
-        service = build_service(settings, modules)
+        plan = build_worker(
+            options.overrides, modules, options.queues, concurrency=options.concurrency
+        )
     except CorralError as exc:
         report_error(exc)
         return EXIT_CONFIG
-    where = settings.sqlite_path if settings.backend == "sqlite" else settings.redis_url_redacted
+    primary = plan.service.settings
+    where = primary.sqlite_path if primary.backend == "sqlite" else primary.redis_url_redacted
+    queues = ", ".join(f"{queue.name}:{queue.concurrency}" for queue in plan.queues)
     if options.processes > 1:
         logger.info(
-            "supervisor: %d worker processes for queue %r (%s at %s), tasks %s",
+            "supervisor: %d worker processes for queues %s (%s at %s), tasks %s",
             options.processes,
-            settings.name,
-            settings.backend,
+            queues,
+            primary.backend,
             where,
             ", ".join(modules),
         )
@@ -511,17 +583,17 @@ def serve(options: WorkerOptions) -> int:
             burst=options.burst,
         ).run()
     logger.info(
-        "queue %r on %s at %s; task modules: %s",
-        settings.name,
-        settings.backend,
+        "queues %s on %s at %s; task modules: %s",
+        queues,
+        primary.backend,
         where,
         ", ".join(modules),
     )
     try:
         return asyncio.run(
             run_worker(
-                service,
-                concurrency=options.concurrency,
+                plan,
+                total_concurrency=options.total_concurrency,
                 burst=options.burst,
                 parent_pid=options.parent_pid,
             )
@@ -534,12 +606,18 @@ def serve(options: WorkerOptions) -> int:
 def child_command(options: WorkerOptions, modules: Sequence[str]) -> list[str]:
     """The command line of one supervised worker process."""
     command = [sys.executable, "-m", "corral.worker", *modules, "--parent-pid", str(os.getpid())]
+    for queue in options.queues:
+        command += ["--queue", queue]
     if options.concurrency is not None:
         command += ["--concurrency", str(options.concurrency)]
+    if options.total_concurrency is not None:
+        command += ["--total-concurrency", str(options.total_concurrency)]
     if options.burst:
         command.append("--burst")
     if options.log_level:
         command += ["--log-level", options.log_level]
+    if options.log_format:
+        command += ["--log-format", options.log_format]
     return command
 
 
@@ -598,11 +676,25 @@ def check(
         tasks = tuple(modules) or tuple(settings.tasks)
         handlers: list[str] = []
         if tasks:
-            handlers = sorted(build_service(settings, tasks).handlers)
+            plan = build_worker(overrides or {}, tasks)
+            handlers = sorted(plan.service.handlers)
+            settings = plan.service.settings
     except CorralError as exc:
         report_error(exc)
         return EXIT_CONFIG
     where = settings.sqlite_path if settings.backend == "sqlite" else settings.redis_url_redacted
+    if (
+        settings.backend == "sqlite"
+        and settings.sqlite_path != ":memory:"
+        and not os.path.isfile(settings.sqlite_path)
+    ):
+        # A check creates nothing: a mistyped path or an unmounted volume must not pass.
+        print(
+            f"error: no SQLite database at {settings.sqlite_path!r} (QUEUE_SQLITE_PATH); "
+            "a worker or producer creates it on first use",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
         counts, paused = asyncio.run(probe(settings, timeout_s=timeout_s))
     except TimeoutError:
@@ -631,10 +723,25 @@ def _parser() -> argparse.ArgumentParser:
         "and .env; task modules from the arguments or QUEUE_TASKS.",
     )
     parser.add_argument("modules", nargs="*", metavar="MODULE", help="task module (or module:attr)")
-    parser.add_argument("--concurrency", "-c", type=int, help="jobs run at once per process")
+    parser.add_argument(
+        "--queue",
+        "-q",
+        action="append",
+        default=[],
+        metavar="NAME[:N]",
+        help="a queue to serve, with its concurrency (repeat for several); default: QUEUE_NAMES, "
+        "else the task modules' queues",
+    )
+    parser.add_argument("--concurrency", "-c", type=int, help="jobs run at once per queue")
+    parser.add_argument(
+        "--total-concurrency", type=int, help="jobs run at once over all queues of a process"
+    )
     parser.add_argument("--burst", action="store_true", help="exit once the queue is drained")
     parser.add_argument("--processes", "-p", type=int, default=1, help="worker processes")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="default: QUEUE_LOG_LEVEL or info")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text or json; default: QUEUE_LOG_FORMAT or text"
+    )
     parser.add_argument(
         "--check", action="store_true", help="health check: exit 0 if the backend answers"
     )
@@ -651,10 +758,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = serve(
             WorkerOptions(
                 modules=tuple(args.modules),
+                queues=tuple(args.queue),
                 concurrency=args.concurrency,
+                total_concurrency=args.total_concurrency,
                 burst=args.burst,
                 processes=args.processes,
                 log_level=args.log_level,
+                log_format=args.log_format,
                 parent_pid=args.parent_pid,
             )
         )

@@ -1,8 +1,14 @@
-"""The QueueBackend seam: the few primitives every storage engine implements.
+"""The seam between corral and its storage engines.
 
-Everything else (payload validation, defaults, handler lookup, timeouts, retry arithmetic,
-logging, the CLI) lives once above this seam, in :mod:`corral.service`, :mod:`corral._consumer`
-and :mod:`corral.cli`.
+- :class:`QueueBackend`: what the service and the CLI call (enqueue, deliver, manage).
+- :class:`PullBackend` and :class:`PullSource`: how a backend that delivers by *pulling* (claim a
+  job with a lease, run it, settle it) plugs into the one worker loop,
+  :mod:`corral.backends._consume`.
+  Both backends are pull backends; a backend gives one :class:`PullSource` per queue it serves and
+  gets the whole delivery contract of :meth:`QueueBackend.start_consuming` from that loop.
+
+Everything else (payload and option checks, defaults, handler lookup, timeouts, retry arithmetic,
+logging, the CLI) lives once above this seam, in :mod:`corral.service` and :mod:`corral.cli`.
 """
 
 from __future__ import annotations
@@ -10,19 +16,25 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-from corral.message import Dispatch, JobInfo, JobState, NewJob
+from corral.backends._consume import consume
+from corral.message import Dispatch, JobInfo, JobState, NewJob, Outcome, QueueMessage
 from corral.settings import QueueSettings
+
+H = TypeVar("H")
+"""The backend-private handle a claim carries from claim to settle (a row id, a raw job)."""
 
 
 class QueueBackend(ABC):
-    """Storage and delivery of the jobs of one queue.
+    """Storage and delivery of jobs, bound to one queue (``settings.name``).
 
-    A backend is bound to one queue (``settings.name``); it may write to other queues only for
-    dead letters (``NewJob.queue``). Methods are coroutines; a backend connects lazily on first
-    use and :meth:`close` releases everything it holds. Errors of the underlying driver are
-    raised as :class:`~corral.errors.BackendError` (or ``BackendConnectionError``) with the
-    driver error chained; no driver error, and no secret, reaches a caller unwrapped.
+    A backend connects lazily on first use and :meth:`close` releases everything it holds.
+    :meth:`for_queue` gives a backend of another queue on the same storage and connection (a
+    worker of several queues, dead letters, flows). Errors of the underlying driver are raised as
+    :class:`~corral.errors.BackendError` (or ``BackendConnectionError``) with the driver error
+    chained; no driver error, and no secret, reaches a caller unwrapped.
 
     Delivery is at-least-once. A job is never deleted when it is fetched: a worker *claims* it,
     which gives it a lease (a token and an expiry, or BullMQ's lock). Only the holder of a live
@@ -40,6 +52,15 @@ class QueueBackend(ABC):
     def queue_name(self) -> str:
         """The queue this backend serves."""
         return self.settings.name
+
+    @abstractmethod
+    def for_queue(self, name: str, settings: QueueSettings | None = None) -> QueueBackend:
+        """A backend of queue ``name`` on the same storage, sharing this one's connection.
+
+        ``settings`` (for that queue: its lease, dead letter, limits) default to this backend's
+        with the name changed; they must name the same storage. The new backend lives as long
+        as this one: closing it alone releases nothing shared.
+        """
 
     # -- producing -------------------------------------------------------------------------
 
@@ -67,11 +88,17 @@ class QueueBackend(ABC):
         concurrency: int,
         stop: asyncio.Event,
         burst: bool = False,
+        queues: Sequence[QueueSettings] | None = None,
+        total_concurrency: int | None = None,
     ) -> None:
         """Deliver jobs to ``dispatch`` until ``stop`` is set, then shut down in phases.
 
-        - At most ``concurrency`` deliveries run at once. Each holds a lease that the backend
-          keeps alive while ``dispatch`` runs; the backend applies the returned
+        - ``queues``: the queues to serve, each with its own settings (name, concurrency, lease,
+          limits), on this backend's storage; by default this backend's queue at
+          ``concurrency``. ``total_concurrency`` caps the deliveries of all queues together.
+          Each queue's pause and rate limit hold on their own.
+        - At most that many deliveries run at once. Each holds a lease that the backend keeps
+          alive while ``dispatch`` runs; the backend applies the returned
           :data:`~corral.message.Outcome` only while it still holds that lease.
         - A paused queue delivers nothing new; in-flight jobs finish.
         - Once ``stop`` is set no job is claimed; in-flight deliveries get
@@ -108,7 +135,7 @@ class QueueBackend(ABC):
         """Delete a job that is not active. ``False`` if there was none.
 
         Raises:
-            BackendError: the job is active (held by a worker); remove it once it finishes.
+            JobActiveError: the job is active (held by a worker); remove it once it finishes.
         """
 
     @abstractmethod
@@ -132,6 +159,109 @@ class QueueBackend(ABC):
     async def close(self) -> None:
         """Release connections and files. Idempotent; returns promptly even if the storage is
         unreachable."""
+
+
+@dataclass(eq=False, slots=True)
+class Claim(Generic[H]):
+    """A job this worker holds a lease on.
+
+    ``message`` is ``None`` when the job was unreadable, in which case ``unreadable`` says why
+    and the job is failed without running. ``handle`` is the backend's own state carried from
+    claim to settle.
+    """
+
+    job_id: str
+    token: str
+    message: QueueMessage | None
+    handle: H
+    unreadable: str | None = None
+
+
+class PullSource(ABC, Generic[H]):
+    """One queue's jobs, as a pull backend gives them to the worker loop.
+
+    The loop owns the claims: it keeps every claim it holds (running or buffered) in the
+    heartbeat's renewals and gives each back with :meth:`settle`, so a source keeps no claims of
+    its own.
+    """
+
+    queue: str
+    lease_s: float
+
+    @abstractmethod
+    async def claim(self, max_jobs: int) -> list[Claim[H]]:
+        """Atomically lease up to ``max_jobs`` ready jobs (none if the queue is paused)."""
+
+    @abstractmethod
+    async def settle(
+        self, claim: Claim[H], outcome: Outcome, *, fetch_next: bool = False
+    ) -> list[Claim[H]]:
+        """Apply ``outcome`` if ``claim``'s lease is still held, else raise LeaseLostError.
+
+        With ``fetch_next`` the source may lease the next ready job in the same round trip
+        (BullMQ's fetch-next) and return it: the caller then holds it as if it came from
+        :meth:`claim`.
+        """
+
+    @abstractmethod
+    async def extend(self, claims: Sequence[Claim[H]]) -> list[Claim[H]]:
+        """Push the leases of ``claims`` ``lease_s`` into the future; return those already lost."""
+
+    @abstractmethod
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Return when a job may be ready, or after ``timeout_s`` (a hint; may return early)."""
+
+    async def maintain(self) -> None:
+        """Periodic housekeeping (stalled jobs, promotions); called about every ``lease_s / 3``."""
+
+    def wake(self) -> None:
+        """Interrupt a pending :meth:`wait_for_work` (a job was enqueued in this process)."""
+
+    async def aclose(self) -> None:
+        """Release what the source opened for waiting (a blocking connection)."""
+
+
+class PullBackend(QueueBackend):
+    """A backend that delivers through :class:`PullSource` objects and the shared worker loop."""
+
+    @abstractmethod
+    def for_queue(self, name: str, settings: QueueSettings | None = None) -> PullBackend: ...
+
+    @abstractmethod
+    def open_source(self, *, stop: asyncio.Event, burst: bool) -> PullSource[Any]:
+        """The worker side of this backend's queue for one run of :meth:`start_consuming`."""
+
+    async def start_consuming(
+        self,
+        dispatch: Dispatch,
+        *,
+        concurrency: int,
+        stop: asyncio.Event,
+        burst: bool = False,
+        queues: Sequence[QueueSettings] | None = None,
+        total_concurrency: int | None = None,
+    ) -> None:
+        served = (
+            list(queues)
+            if queues
+            else [self.settings.model_copy(update={"concurrency": concurrency})]
+        )
+        sources = [
+            (self.for_queue(each.name, each).open_source(stop=stop, burst=burst), each.concurrency)
+            for each in served
+        ]
+        try:
+            await consume(
+                sources,
+                dispatch,
+                total=total_concurrency,
+                stop=stop,
+                burst=burst,
+                shutdown_grace_s=max(each.shutdown_grace_s for each in served),
+            )
+        finally:
+            for source, _ in sources:
+                await source.aclose()
 
 
 def dead_letter_id(queue: str, job_id: str) -> str:

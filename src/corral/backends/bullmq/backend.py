@@ -1,0 +1,329 @@
+"""BullMQ on Redis: corral jobs stored exactly as Node.js BullMQ stores them.
+
+Every state change goes through the Lua scripts shipped with the ``bullmq`` Python package, which
+are the scripts Node.js BullMQ runs, so Node producers and workers, Bull Board and Taskforce.sh
+handle corral jobs as their own and corral handles theirs. Job name = handler name, job ``data`` =
+the payload's JSON verbatim, options in BullMQ's names (``attempts``, ``backoff``, ``delay``,
+``priority``, ``jobId``, ``removeOnComplete``/``removeOnFail``).
+
+Layers, each importing only the ones below it: this module (the backend: enqueue and management)
+→ :mod:`.source` (the worker side) → :mod:`.connection` (clients, script execution, errors)
+→ :mod:`.protocol` (keys, scripts, arguments: the only user of the package's internals)
+→ :mod:`.wire` (pipelined writes: the only user of redis-py's private API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from corral.backends.base import PullBackend
+from corral.backends.bullmq.connection import Client, RedisStore
+from corral.backends.bullmq.protocol import (
+    ADD_SCRIPTS,
+    CLEAN_SETS,
+    COUNT_TYPES,
+    DELAY_SCORE_FACTOR,
+    STATES,
+    as_int,
+    json_list,
+    json_object,
+    max_attempts,
+)
+from corral.backends.bullmq.source import BullMQSource, now_ms, to_datetime
+from corral.errors import BackendError, JobActiveError
+from corral.message import JobInfo, JobState, NewJob
+from corral.payload import decode_lenient
+from corral.settings import QueueSettings
+
+
+class BullMQBackend(PullBackend):
+    """One queue stored in Redis in BullMQ's layout (see the module docstring)."""
+
+    def __init__(self, settings: QueueSettings, *, store: RedisStore | None = None) -> None:
+        super().__init__(settings)
+        self._owns_store = store is None
+        self.store = store or RedisStore(settings)
+        self.protocol = self.store.protocol
+        self.keys = self.protocol.keys.of(settings.name)
+        self._sources: set[BullMQSource] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<BullMQBackend queue={self.queue_name!r} prefix={self.settings.prefix!r} "
+            f"at {self.store.where}>"
+        )
+
+    def for_queue(self, name: str, settings: QueueSettings | None = None) -> BullMQBackend:
+        if settings is None:
+            if name == self.queue_name:
+                return self
+            settings = self.settings.model_copy(update={"name": name})
+        return BullMQBackend(settings, store=self.store)
+
+    def _job_key(self, job_id: str) -> str:
+        return self.keys[""] + job_id
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+        if not jobs:
+            return []
+        queues = sorted({job.queue or self.queue_name for job in jobs})
+        timestamp = now_ms()
+        calls = [
+            self.protocol.add_job(
+                job.queue or self.queue_name,
+                job,
+                self.protocol.job_opts(
+                    job,
+                    keep_completed=self.settings.keep_completed,
+                    keep_failed=self.settings.keep_failed,
+                ),
+                timestamp,
+            )
+            for job in jobs
+        ]
+        with self.store.errors("adding jobs"):
+            await self.store.ready(*queues)
+            if len(calls) == 1:  # one script call is atomic on its own: save the MULTI
+                results = [await self.store.run(calls[0])]
+            else:
+                results = await self.store.run_atomically(calls)
+        ids: list[str] = []
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, int) and result < 0:
+                raise BackendError(f"BullMQ refused job {job.name!r} (code {result})")
+            ids.append(str(result))
+        if self.queue_name in queues:
+            self._wake()
+        return ids
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def open_source(self, *, stop: asyncio.Event, burst: bool) -> BullMQSource:
+        source = BullMQSource(self.store, self.settings, stop=stop, burst=burst)
+        self._sources.add(source)
+        return source
+
+    def _wake(self) -> None:
+        for source in self._sources:
+            source.wake()
+
+    # -- managing --------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobInfo | None:
+        state_call = self.protocol.get_state(self.queue_name, job_id)
+        key = self._job_key(job_id)
+        with self.store.errors(f"reading job {job_id}"):
+            client = await self.store.ready(self.queue_name)
+            await self.store.load_scripts(client, state_call.script)
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.hgetall(key)
+                self.store.queue_script(pipe, state_call)
+                pipe.lrange(key + ":logs", 0, -1)
+                pipe.zscore(self.keys["delayed"], job_id)
+                raw, state, logs, delayed_score = await pipe.execute()
+        if not raw:
+            return None
+        return self._info(job_id, raw, str(state), logs, delayed_score)
+
+    async def list_jobs(
+        self, state: JobState, *, limit: int = 50, offset: int = 0
+    ) -> list[JobInfo]:
+        if limit <= 0:
+            return []
+        offset = max(0, offset)
+        k = self.keys
+        with self.store.errors(f"listing {state.value} jobs"):
+            client = await self.store.ready(self.queue_name)
+            scores: dict[str, float] = {}
+            if state is JobState.WAITING:
+                ids = await self._waiting_ids(client, offset, limit)
+            elif state is JobState.DELAYED:
+                pairs: list[Any] = await client.zrange(
+                    k["delayed"], offset, offset + limit - 1, withscores=True
+                )
+                scores = {str(member): float(score) for member, score in pairs}
+                ids = list(scores)
+            elif state is JobState.ACTIVE:
+                # The active list grows on the left: read from the right, first started first.
+                ids = _strs(await client.lrange(k["active"], -(offset + limit), -(offset + 1)))
+                ids.reverse()
+            else:
+                ids = _strs(await client.zrevrange(k[state.value], offset, offset + limit - 1))
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self._job_key(job_id))
+                    pipe.lrange(self._job_key(job_id) + ":logs", 0, -1)
+                rows = await pipe.execute()
+        infos = []
+        for index, job_id in enumerate(ids):
+            raw, logs = rows[2 * index], rows[2 * index + 1]
+            if raw:  # skip jobs removed between the two reads
+                state_name = "waiting" if state is JobState.WAITING else state.value
+                infos.append(self._info(job_id, raw, state_name, logs, scores.get(job_id)))
+        return infos
+
+    async def _waiting_ids(self, client: Client, offset: int, limit: int) -> list[str]:
+        """Waiting job ids in delivery order: ``wait`` (oldest at the right end, where
+        ``moveToActive`` pops), then ``prioritized`` by score, then a legacy ``paused`` list."""
+        k = self.keys
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.llen(k["wait"])
+            pipe.zcard(k["prioritized"])
+            pipe.llen(k["paused"])
+            lengths = await pipe.execute()
+        ids: list[str] = []
+        start, stop = offset, offset + limit - 1
+        for segment, length in zip(("wait", "prioritized", "paused"), lengths, strict=True):
+            if stop >= 0 and start < length:
+                lo, hi = max(0, start), min(stop, length - 1)
+                if segment == "prioritized":
+                    ids += _strs(await client.zrange(k[segment], lo, hi))
+                else:
+                    part = _strs(await client.lrange(k[segment], -(hi + 1), -(lo + 1)))
+                    ids += reversed(part)
+            start, stop = start - length, stop - length
+        return ids
+
+    async def counts(self) -> dict[JobState, int]:
+        with self.store.errors("counting jobs"):
+            await self.store.ready(self.queue_name)
+            found = await self.store.run(self.protocol.get_counts(self.queue_name))
+        values = dict(zip(COUNT_TYPES, (int(n) for n in found), strict=True))
+        return {
+            JobState.WAITING: sum(
+                values[t] for t in ("wait", "paused", "prioritized", "waiting-children")
+            ),
+            JobState.DELAYED: values["delayed"],
+            JobState.ACTIVE: values["active"],
+            JobState.COMPLETED: values["completed"],
+            JobState.FAILED: values["failed"],
+        }
+
+    async def retry_failed(self, *, limit: int | None = None) -> int:
+        moved = 0
+        remaining = limit
+        with self.store.errors("retrying failed jobs"):
+            client = await self.store.ready(self.queue_name)
+            while remaining is None or remaining > 0:
+                batch = 1000 if remaining is None else min(remaining, 1000)
+                ids = _strs(await client.zrange(self.keys["failed"], 0, batch - 1))  # oldest first
+                if not ids:
+                    break
+                results = await self.store.run_many(
+                    [self.protocol.reprocess_failed(self.queue_name, job_id) for job_id in ids]
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+                done = sum(1 for result in results if result == 1)
+                moved += done
+                if remaining is not None:
+                    remaining -= len(ids)
+                if done == 0:  # only orphaned ids left; they would come back every time
+                    break
+        if moved:
+            self._wake()
+        return moved
+
+    async def remove(self, job_id: str) -> bool:
+        with self.store.errors(f"removing job {job_id}"):
+            client = await self.store.ready(self.queue_name)
+            if not await client.exists(self._job_key(job_id)):
+                return False
+            result = int(await self.store.run(self.protocol.remove_job(self.queue_name, job_id)))
+        if result == 0:
+            raise JobActiveError(
+                f"job {job_id} is active (held by a worker); remove it once it finishes"
+            )
+        if result < 0:
+            raise BackendError(f"BullMQ refused to remove job {job_id} (code {result})")
+        return True
+
+    async def pause(self) -> None:
+        with self.store.errors("pausing the queue"):
+            await self.store.ready(self.queue_name)
+            await self.store.run(self.protocol.pause(self.queue_name, True))
+
+    async def resume(self) -> None:
+        with self.store.errors("resuming the queue"):
+            await self.store.ready(self.queue_name)
+            await self.store.run(self.protocol.pause(self.queue_name, False))
+        self._wake()
+
+    async def is_paused(self) -> bool:
+        with self.store.errors("reading the queue's state"):
+            client = await self.store.ready(self.queue_name)
+            return bool(await client.hexists(self.keys["meta"], "paused"))
+
+    async def purge(self) -> int:
+        # cleanJobsInSet compares timestamps as 13-digit strings: a cut-off one day ahead stays
+        # comparable and also catches jobs stamped by a producer whose clock runs ahead.
+        cutoff = now_ms() + 86_400_000
+        calls = [self.protocol.clean_set(self.queue_name, name, cutoff) for name in CLEAN_SETS]
+        with self.store.errors("purging the queue"):
+            await self.store.ready(self.queue_name)
+            removed = await self.store.run_atomically(calls)
+        return sum(len(ids) for ids in removed)
+
+    async def close(self) -> None:
+        sources, self._sources = self._sources, set()
+        for source in sources:
+            await source.aclose()
+        if self._owns_store:
+            await self.store.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _info(
+        self,
+        job_id: str,
+        raw: Mapping[str, str],
+        state_name: str,
+        logs: Sequence[str],
+        delayed_score: float | None,
+    ) -> JobInfo:
+        opts = json_object(raw.get("opts"))
+        state = STATES.get(state_name)
+        if state is None:  # 'unknown': the hash exists outside every set (mid-cleanup)
+            state = (
+                JobState.FAILED
+                if raw.get("failedReason") and raw.get("finishedOn")
+                else JobState.COMPLETED
+                if raw.get("finishedOn")
+                else JobState.WAITING
+            )
+        run_at = None
+        if state is JobState.DELAYED and delayed_score is not None:
+            run_at = to_datetime(int(delayed_score) // DELAY_SCORE_FACTOR)
+        stack = [str(trace) for trace in json_list(raw.get("stacktrace"))]
+        progress = decode_lenient(raw.get("progress"))
+        return JobInfo(
+            id=job_id,
+            name=raw.get("name", ""),
+            data=decode_lenient(raw.get("data")),
+            queue=self.queue_name,
+            state=state,
+            attempts_made=as_int(raw.get("atm")),
+            max_attempts=max_attempts(opts),
+            priority=as_int(raw.get("priority")),
+            enqueued_at=to_datetime(as_int(raw.get("timestamp"))),
+            run_at=run_at,
+            finished_at=to_datetime(as_int(raw["finishedOn"])) if raw.get("finishedOn") else None,
+            result=decode_lenient(raw.get("returnvalue")),
+            error=raw.get("failedReason") or None,
+            traceback=stack[-1] if stack else None,
+            tracebacks=stack,
+            progress=progress if progress is not None else 0,
+            logs=list(logs),
+        )
+
+
+def _strs(values: Any) -> list[str]:
+    return [str(value) for value in values]
+
+
+__all__ = ["ADD_SCRIPTS", "BullMQBackend"]

@@ -1,0 +1,495 @@
+"""BullMQ's protocol: key names, Lua scripts, their KEYS/ARGV, and what their replies mean.
+
+The one module that touches the ``bullmq`` package's internals (its Lua scripts and key table) and
+packs its arguments, so a ``bullmq`` upgrade changes this file only; ``tests/test_protocol.py``
+checks every call built here against the scripts' declared key counts and the package's own
+argument builders. Nothing here does I/O: a call is a :class:`ScriptCall` that
+:mod:`corral.backends.bullmq.connection` sends.
+
+Redis layout for prefix ``bull`` and queue ``q`` (all BullMQ's): the job hash ``bull:q:<id>``
+(``name``, ``data``, ``opts``, ``timestamp``, ``atm`` = attempts made, ``returnvalue``,
+``failedReason``, ``stacktrace``, ...), its ``:lock`` and ``:logs``, the lists ``wait``,
+``active`` and (legacy) ``paused``, the sorted sets ``prioritized``, ``delayed``, ``completed``,
+``failed``, ``marker`` (wakes blocked workers), the ``meta`` hash (``paused``, ``version``, global
+rate limit) and the ``events`` stream.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, NamedTuple
+
+import bullmq
+import msgpack  # type: ignore[import-untyped]
+from bullmq.queue_keys import QueueKeys
+from bullmq.redis_connection import SCRIPT_DEFINITIONS, loadScript
+
+from corral.message import JobState, NewJob
+from corral.payload import decode_lenient
+from corral.retry import Retry
+
+LIB_VERSION = f"bullmq:{bullmq.__version__}"
+"""What corral records in the queue's ``meta`` hash (``version``), in the ``<lib>:<version>`` form
+Node's ``Queue`` writes: the package whose scripts write corral's jobs."""
+
+# The package's scripts, and those it ships without registering them.
+SCRIPT_FILES: dict[str, str] = {
+    **SCRIPT_DEFINITIONS,
+    "moveJobFromActiveToWait": "moveJobFromActiveToWait-9.lua",
+    "addLog": "addLog-2.lua",
+}
+
+DELAY_SCORE_FACTOR = 0x1000
+"""Delayed-set scores are ``timestamp_ms * 0x1000 + counter``."""
+
+FINISH_ERRORS = {
+    -1: "the job no longer exists",
+    -2: "its lock expired",
+    -3: "it is no longer active",
+    -6: "another worker holds its lock",
+}
+"""What the negative codes of moveToFinished, retryJob, moveToDelayed and moveJobFromActiveToWait
+mean for a worker settling a job."""
+
+STATES = {
+    "waiting": JobState.WAITING,
+    "prioritized": JobState.WAITING,
+    "waiting-children": JobState.WAITING,
+    "delayed": JobState.DELAYED,
+    "active": JobState.ACTIVE,
+    "completed": JobState.COMPLETED,
+    "failed": JobState.FAILED,
+}
+"""BullMQ's state names (getStateV2) as corral's."""
+
+COUNT_TYPES = (
+    "wait",
+    "paused",
+    "prioritized",
+    "waiting-children",
+    "delayed",
+    "active",
+    "completed",
+    "failed",
+)
+CLEAN_SETS = ("wait", "paused", "prioritized", "delayed", "completed", "failed")
+ADD_SCRIPTS = ("addStandardJob", "addDelayedJob", "addPrioritizedJob")
+
+
+class ScriptCall(NamedTuple):
+    """One script invocation: the script's name, its KEYS and its ARGV."""
+
+    script: str
+    keys: list[str]
+    args: list[Any]
+
+
+@cache
+def script_source(name: str) -> str:
+    """The Lua text of the script ``name``."""
+    source: str = loadScript(SCRIPT_FILES[name])
+    return source
+
+
+def declared_key_count(name: str) -> int:
+    """How many KEYS the script ``name`` takes (the ``-N`` of its file name)."""
+    match = re.search(r"-(\d+)\.lua$", SCRIPT_FILES[name])
+    assert match is not None
+    return int(match.group(1))
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Key names of a script's KEYS, in its order, from a space-separated list."""
+    return tuple(text.split())
+
+
+def pack(value: Any) -> bytes:
+    """An argument the scripts unpack with ``cmsgpack.unpack``."""
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def flat_fields(fields: Mapping[str, str]) -> bytes:
+    """Fields to set on a job hash, as the ``fieldsToUpdate`` argument: a packed flat array."""
+    flat: list[str] = []
+    for key, value in fields.items():
+        flat += (key, value)
+    return pack(flat)
+
+
+@dataclass(frozen=True, slots=True)
+class NextJob:
+    """What moveToActive (and a fetch-next moveToFinished) returned."""
+
+    raw: dict[str, str] | None
+    """The job's hash, if a job was leased."""
+    job_id: str | None
+    limit_ms: int
+    """> 0: the rate limiter is saturated for this long."""
+    delay_until_ms: int
+    """> 0: no job is ready; the next delayed one is due then."""
+
+
+def parse_next_job(reply: Any) -> NextJob:
+    """Read moveToActive's reply: ``[job fields, job id, rate-limit ms, next delay ms]``."""
+    if not isinstance(reply, list) or not reply:
+        return NextJob(None, None, 0, 0)
+    fields = reply[0]
+    raw = (
+        {str(fields[i]): fields[i + 1] for i in range(0, len(fields) - 1, 2)}
+        if isinstance(fields, list) and fields
+        else None
+    )
+    job_id = reply[1] if len(reply) > 1 and reply[1] else None
+    limit_ms = _int(reply[2]) if len(reply) > 2 else 0
+    delay_until = _int(reply[3]) if len(reply) > 3 else 0
+    return NextJob(raw, str(job_id) if job_id is not None else None, limit_ms, delay_until)
+
+
+class Keys:
+    """The key names of the queues under one prefix (BullMQ's ``QueueKeys``), computed once."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._table = QueueKeys(prefix)
+        self._queues: dict[str, dict[str, str]] = {}
+
+    def of(self, queue: str) -> dict[str, str]:
+        """Every key of ``queue``; ``""`` is the job key prefix ``<prefix>:<queue>:``."""
+        keys = self._queues.get(queue)
+        if keys is None:
+            keys = self._queues[queue] = self._table.getKeys(queue)
+        return keys
+
+    def job(self, queue: str, job_id: str) -> str:
+        return self.of(queue)[""] + job_id
+
+
+class Protocol:
+    """The script calls of the queues under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.keys = Keys(prefix)
+
+    # -- producing -------------------------------------------------------------------------
+
+    def add_job(
+        self, queue: str, job: NewJob, opts: Mapping[str, Any], timestamp: int
+    ) -> ScriptCall:
+        """The add script for ``job``, chosen as Node's ``Job.addJob`` chooses.
+
+        The add scripts return the existing id for a duplicate ``jobId`` and leave that job as
+        it is, so duplicates need no extra check.
+        """
+        k = self.keys.of(queue)
+        packed_args = pack(
+            # prefix, custom id, name, timestamp, parent key, parent dependencies key, parent,
+            # repeat job key, deduplication key: the argument array of the add scripts.
+            [k[""], job.job_id or "", job.name, timestamp, None, None, None, None, None]
+        )
+        argv = [packed_args, job.data_json, pack(dict(opts))]
+        if job.delay_ms > 0:
+            names = _names("marker meta id delayed completed events")
+            return ScriptCall("addDelayedJob", [k[n] for n in names], argv)
+        if job.priority:
+            names = _names("marker meta id prioritized delayed completed active events pc")
+            return ScriptCall("addPrioritizedJob", [k[n] for n in names], argv)
+        names = _names("wait paused meta id completed delayed active events marker")
+        return ScriptCall("addStandardJob", [k[n] for n in names], argv)
+
+    @staticmethod
+    def job_opts(
+        job: NewJob, *, keep_completed: int | None, keep_failed: int | None
+    ) -> dict[str, Any]:
+        """The ``opts`` a Node producer writes for the same job (omitted options are absent)."""
+        opts: dict[str, Any] = {"attempts": job.attempts}
+        if job.backoff is not None:
+            opts["backoff"] = job.backoff.to_bullmq()
+        if job.delay_ms > 0:
+            opts["delay"] = job.delay_ms
+        if job.priority:
+            opts["priority"] = job.priority
+        if job.job_id is not None:
+            opts["jobId"] = job.job_id
+        if keep_completed is not None:
+            opts["removeOnComplete"] = keep_completed
+        if keep_failed is not None:
+            opts["removeOnFail"] = keep_failed
+        return opts
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def move_to_active(
+        self, queue: str, token: str, now: int, lock_ms: int, limiter: Mapping[str, int] | None
+    ) -> ScriptCall:
+        k = self.keys.of(queue)
+        names = _names(
+            "wait active prioritized events stalled limiter delayed paused meta pc marker"
+        )
+        opts = pack({"token": token, "lockDuration": lock_ms, "limiter": limiter})
+        return ScriptCall("moveToActive", [k[n] for n in names], [k[""], now, opts])
+
+    def move_to_finished(
+        self,
+        queue: str,
+        job_id: str,
+        token: str,
+        *,
+        target: str,
+        value: str,
+        now: int,
+        job_opts: Mapping[str, Any],
+        keep: Mapping[str, Any],
+        limiter: Mapping[str, int] | None,
+        lock_ms: int,
+        fetch_next: bool,
+        fields: Mapping[str, str] | None = None,
+    ) -> ScriptCall:
+        """moveToFinished with the arguments Node's worker passes; ``target`` is ``completed``
+        or ``failed``, ``value`` the return value's JSON or the failure reason."""
+        k = self.keys.of(queue)
+        names = _names("wait active prioritized events stalled limiter delayed paused meta pc")
+        keys = [k[n] for n in names]
+        keys += [k[target], k[""] + job_id, k[""] + "metrics:" + target, k["marker"]]
+        packed_opts = pack(
+            {
+                "token": token,
+                "keepJobs": dict(keep),
+                "limiter": limiter,
+                "lockDuration": lock_ms,
+                "attempts": _int(job_opts.get("attempts")),
+                "maxMetricsSize": "",
+                "fpof": bool(job_opts.get("fpof")),
+                "cpof": bool(job_opts.get("cpof")),
+                "idof": bool(job_opts.get("idof")),
+                "rdof": bool(job_opts.get("rdof")),
+            }
+        )
+        prop = "returnvalue" if target == "completed" else "failedReason"
+        args: list[Any] = [
+            job_id,
+            now,
+            prop,
+            value,
+            target,
+            "1" if fetch_next else "0",
+            k[""],
+            packed_opts,
+        ]
+        if fields:
+            args.append(flat_fields(fields))
+        return ScriptCall("moveToFinished", keys, args)
+
+    def move_to_delayed(
+        self,
+        queue: str,
+        job_id: str,
+        token: str,
+        *,
+        now: int,
+        delay_ms: int,
+        fields: Mapping[str, str],
+    ) -> ScriptCall:
+        """A failed attempt's job, delayed by exactly ``delay_ms`` (its attempt counted)."""
+        k = self.keys.of(queue)
+        names = _names("marker active prioritized delayed")
+        keys = [k[n] for n in names] + [k[""] + job_id]
+        keys += [k[n] for n in ("events", "meta", "stalled", "wait", "limiter", "pc")]
+        args = [k[""], str(now), job_id, token, delay_ms, "0", flat_fields(fields), "0"]
+        return ScriptCall("moveToDelayed", keys, args)
+
+    def retry_job(
+        self,
+        queue: str,
+        job_id: str,
+        token: str,
+        *,
+        now: int,
+        lifo: bool,
+        fields: Mapping[str, str],
+    ) -> ScriptCall:
+        """A failed attempt's job, back to waiting at once (its attempt counted)."""
+        k = self.keys.of(queue)
+        keys = [k[n] for n in ("active", "wait", "paused")] + [k[""] + job_id]
+        keys += [k[n] for n in ("meta", "events", "delayed", "prioritized", "pc", "marker")]
+        keys.append(k["stalled"])
+        args = [k[""], now, "RPUSH" if lifo else "LPUSH", job_id, token, flat_fields(fields)]
+        return ScriptCall("retryJob", keys, args)
+
+    def release(self, queue: str, job_id: str, token: str) -> ScriptCall:
+        """An active job back to waiting without using an attempt (a worker shutting down)."""
+        k = self.keys.of(queue)
+        names = _names("active wait stalled paused meta limiter prioritized marker events")
+        return ScriptCall(
+            "moveJobFromActiveToWait", [k[n] for n in names], [job_id, token, k[""] + job_id]
+        )
+
+    def extend_locks(
+        self, queue: str, job_ids: Sequence[str], tokens: Sequence[str], lock_ms: int
+    ) -> ScriptCall:
+        """Renew many locks at once; the reply lists the ids whose lock was not renewed."""
+        k = self.keys.of(queue)
+        return ScriptCall(
+            "extendLocks", [k["stalled"]], [k[""], pack(list(tokens)), pack(list(job_ids)), lock_ms]
+        )
+
+    def move_stalled(self, queue: str, max_stalls: int, lock_ms: int, now: int) -> ScriptCall:
+        """Requeue (or fail, past ``max_stalls``) jobs whose lock expired; reply: their ids."""
+        k = self.keys.of(queue)
+        names = _names("stalled wait active stalled-check meta paused marker events repeat")
+        return ScriptCall(
+            "moveStalledJobsToWait", [k[n] for n in names], [max_stalls, k[""], now, lock_ms]
+        )
+
+    def update_progress(self, queue: str, job_id: str, progress_json: str) -> ScriptCall:
+        k = self.keys.of(queue)
+        return ScriptCall(
+            "updateProgress", [k[""] + job_id, k["events"], k["meta"]], [job_id, progress_json]
+        )
+
+    def add_log(self, queue: str, job_id: str, text: str, keep_logs: int | None) -> ScriptCall:
+        key = self.keys.job(queue, job_id)
+        return ScriptCall("addLog", [key, key + ":logs"], [job_id, text, keep_logs or ""])
+
+    # -- managing --------------------------------------------------------------------------
+
+    def get_state(self, queue: str, job_id: str) -> ScriptCall:
+        k = self.keys.of(queue)
+        names = _names("completed failed delayed active wait paused waiting-children prioritized")
+        return ScriptCall("getStateV2", [k[n] for n in names], [job_id])
+
+    def get_counts(self, queue: str) -> ScriptCall:
+        """Counts of :data:`COUNT_TYPES`, in that order."""
+        return ScriptCall("getCounts", [self.keys.of(queue)[""]], list(COUNT_TYPES))
+
+    def reprocess_failed(self, queue: str, job_id: str) -> ScriptCall:
+        """Node's ``Job.retry('failed', {resetAttemptsMade: true})``: back to waiting (or
+        prioritized) with attempts made reset; ``attemptsStarted`` is kept."""
+        k = self.keys.of(queue)
+        names = _names("events failed wait meta active marker prioritized pc")
+        keys = [k[""] + job_id] + [k[n] for n in names]
+        return ScriptCall(
+            "reprocessJob", keys, [job_id, "LPUSH", "failedReason", "failed", "1", "0"]
+        )
+
+    def remove_job(self, queue: str, job_id: str) -> ScriptCall:
+        """Reply: 1 removed, 0 the job is locked (active)."""
+        k = self.keys.of(queue)
+        return ScriptCall("removeJob", [k[""] + job_id, k["repeat"]], [job_id, 0, k[""]])
+
+    def pause(self, queue: str, paused: bool) -> ScriptCall:
+        k = self.keys.of(queue)
+        source, target = ("wait", "paused") if paused else ("paused", "wait")
+        names = (source, target, "meta", "prioritized", "events", "delayed", "marker")
+        return ScriptCall("pause", [k[n] for n in names], ["paused" if paused else "resumed"])
+
+    def clean_set(self, queue: str, name: str, cutoff_ms: int) -> ScriptCall:
+        """Remove every job of the set ``name`` stamped before ``cutoff_ms``; reply: their ids."""
+        k = self.keys.of(queue)
+        return ScriptCall(
+            "cleanJobsInSet", [k[name], k["events"], k["repeat"]], [k[""], cutoff_ms, 0, name]
+        )
+
+
+# -- reading jobs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What a job's ``opts`` JSON says to the worker, parsed once per distinct text."""
+
+    opts: dict[str, Any]  # shared between jobs: read, never changed
+    is_object: bool
+    max_attempts: int
+    backoff: Retry | None
+    keep_logs: int | None
+
+
+_job_options_cache: dict[str | None, JobOptions] = {}
+_JOB_OPTIONS_CACHE_SIZE = 256  # distinct opts texts kept; jobs of one producer mostly share one
+
+
+def job_options(text: str | None) -> JobOptions:
+    cached = _job_options_cache.get(text)
+    if cached is not None:
+        return cached
+    value = decode_lenient(text)
+    opts = value if isinstance(value, dict) else {}
+    keep_logs = opts.get("kl", opts.get("keepLogs"))
+    parsed = JobOptions(
+        opts=opts,
+        is_object=text is None or isinstance(value, dict),
+        max_attempts=max_attempts(opts),
+        backoff=lenient_backoff(opts.get("backoff")),
+        keep_logs=keep_logs if isinstance(keep_logs, int) else None,
+    )
+    if len(_job_options_cache) >= _JOB_OPTIONS_CACHE_SIZE:
+        _job_options_cache.clear()
+    _job_options_cache[text] = parsed
+    return parsed
+
+
+def max_attempts(opts: Mapping[str, Any]) -> int:
+    # Node stores attempts: 0 when none was given, which means a single attempt.
+    return max(1, _int(opts.get("attempts")))
+
+
+def lenient_backoff(value: Any) -> Retry | None:
+    try:
+        return Retry.from_bullmq(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def keep_jobs(option: Any, default: int | None) -> dict[str, Any]:
+    """BullMQ's ``keepJobs`` from a job's removeOn* option, else the worker's default
+    (Node's ``getKeepJobs``): ``true`` keeps none, a number keeps the last N, absent keeps all."""
+    if option is None:
+        return {"count": -1 if default is None else default}
+    if isinstance(option, bool):
+        return {"count": 0 if option else -1}
+    if isinstance(option, int | float):
+        return {"count": int(option)}
+    if isinstance(option, dict):
+        return option
+    return {"count": -1}
+
+
+def stacktrace(raw: Mapping[str, str], opts: Mapping[str, Any], trace: str) -> str:
+    """The job's stack traces with this attempt's appended, as Node's ``updateStacktrace``."""
+    stack = json_list(raw.get("stacktrace"))
+    if trace:
+        stack.append(trace)
+    limit = opts.get("stackTraceLimit")
+    if limit == 0:
+        stack = []
+    elif isinstance(limit, int) and limit > 0:
+        stack = stack[-limit:]
+    return json.dumps(stack, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_object(text: str | None) -> dict[str, Any]:
+    value = decode_lenient(text)
+    return value if isinstance(value, dict) else {}
+
+
+def json_list(text: str | None) -> list[Any]:
+    value = decode_lenient(text)
+    return value if isinstance(value, list) else []
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return 0
+
+
+as_int = _int

@@ -1,0 +1,273 @@
+"""The SQLite backend: one database file shared by producers and worker processes.
+
+The file holds any number of queues (a ``queue`` column); :meth:`SQLiteBackend.for_queue` gives
+another queue on the same connection. How delivery keeps its promises is in
+:mod:`corral.backends.sqlite.source`; the connection, locking and wake-ups in
+:mod:`corral.backends.sqlite.database`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from corral.backends.base import PullBackend
+from corral.backends.sqlite.database import Database
+from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
+from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
+from corral.errors import JobActiveError
+from corral.message import JobInfo, JobState, NewJob
+from corral.payload import decode_lenient
+from corral.retry import Retry
+from corral.settings import QueueSettings
+
+# One query per state, each answered from that state's partial index.
+_COUNTS_SQL = " UNION ALL ".join(
+    f"SELECT '{state}', count(*) FROM jobs WHERE queue = ? AND state = '{state}'"
+    for state in ("waiting", "delayed", "active", "completed", "failed")
+)
+
+_LIST_ORDER = {
+    JobState.WAITING: "priority, run_at, seq",
+    JobState.DELAYED: "run_at, seq",
+    JobState.ACTIVE: "started_at, seq",
+    JobState.COMPLETED: "finished_at DESC, seq DESC",
+    JobState.FAILED: "finished_at DESC, seq DESC",
+}
+
+
+class SQLiteBackend(PullBackend):
+    """Jobs in a SQLite file (``settings.sqlite_path``) that several processes share."""
+
+    def __init__(self, settings: QueueSettings, *, db: Database | None = None) -> None:
+        super().__init__(settings)
+        self._owns_db = db is None
+        self.db = db or Database(
+            settings.sqlite_path,
+            synchronous=settings.sqlite_synchronous,
+            poll_interval_s=settings.poll_interval_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"<SQLiteBackend {self.db.path!r} queue={self.queue_name!r}>"
+
+    def for_queue(self, name: str, settings: QueueSettings | None = None) -> SQLiteBackend:
+        if settings is None:
+            if name == self.queue_name:
+                return self
+            settings = self.settings.model_copy(update={"name": name})
+        return SQLiteBackend(settings, db=self.db)
+
+    # -- producing -------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
+        now = now_ms()
+        rows = [self._row(job, now) for job in jobs]
+        if len(rows) == 1:
+            row = rows[0]
+            found = await self.db.statement(INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
+            self.db.notify(row[0])
+            if row[1] is not None:
+                return [row[1]]  # custom id: inserted now, or the existing job's
+            return [str(found[0][0])]
+
+        def insert(conn: sqlite3.Connection) -> list[str]:
+            if all(row[1] is None for row in rows):
+                # No custom ids: one executemany; under the write lock AUTOINCREMENT hands out
+                # consecutive numbers after the current high-water mark.
+                start = conn.execute(
+                    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0)"
+                ).fetchone()[0]
+                conn.executemany(INSERT, rows)
+                return [str(start + i + 1) for i in range(len(rows))]
+            ids: list[str] = []
+            for row in rows:
+                found = conn.execute(INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
+                inserted = found.fetchone()
+                if inserted is not None:
+                    ids.append(row[1] if row[1] is not None else str(inserted[0]))
+                else:
+                    ids.append(row[1])  # the existing job keeps its id and is not changed
+            return ids
+
+        ids = await self.db.write(insert)
+        for queue in {row[0] for row in rows}:
+            self.db.notify(queue)
+        return ids
+
+    def _row(self, job: NewJob, now: int) -> tuple[Any, ...]:
+        delayed = job.delay_ms > 0
+        return (
+            job.queue or self.queue_name,
+            job.job_id,
+            job.name,
+            job.data_json,
+            "delayed" if delayed else "waiting",
+            job.priority,
+            now + job.delay_ms,
+            now,
+            job.attempts,
+            _backoff_json(job.backoff) if job.backoff else None,
+            None,
+        )
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def open_source(self, *, stop: asyncio.Event, burst: bool) -> SQLiteSource:
+        return SQLiteSource(self.db, self.queue_name, self.settings, stop)
+
+    # -- managing --------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobInfo | None:
+        where, params = self._id_clause(job_id)
+        rows = self.db.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}", params)
+        return _info(rows[0]) if rows else None
+
+    async def list_jobs(
+        self, state: JobState, *, limit: int = 50, offset: int = 0
+    ) -> list[JobInfo]:
+        # The state is written into the SQL (it is one of five fixed words) so that SQLite can
+        # pick that state's partial index; a bound parameter would hide it from the planner.
+        rows = self.db.read(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE queue = ? AND state = '{state.value}' "
+            f"ORDER BY {_LIST_ORDER[state]} LIMIT ? OFFSET ?",
+            (self.queue_name, max(0, int(limit)), max(0, int(offset))),
+        )
+        return [_info(row) for row in rows]
+
+    async def counts(self) -> dict[JobState, int]:
+        result = dict.fromkeys(JobState, 0)
+        for state, count in self.db.read(_COUNTS_SQL, (self.queue_name,) * 5):
+            with contextlib.suppress(ValueError):
+                result[JobState(state)] = count
+        return result
+
+    async def retry_failed(self, *, limit: int | None = None) -> int:
+        now = now_ms()
+
+        def retry(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'waiting', attempts_made = 0, stalls = 0, run_at = ?, "
+                "finished_at = NULL WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
+                "state = 'failed' ORDER BY finished_at, seq LIMIT ?)",
+                (now, self.queue_name, -1 if limit is None else max(0, limit)),
+            )
+            return cursor.rowcount
+
+        moved = await self.db.write(retry)
+        if moved:
+            self.db.notify(self.queue_name)
+        return moved
+
+    async def remove(self, job_id: str) -> bool:
+        where, params = self._id_clause(job_id)
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(f"SELECT seq, state FROM jobs WHERE {where}", params).fetchone()
+            if row is None:
+                return False
+            if row[1] == JobState.ACTIVE.value:
+                raise JobActiveError(
+                    f"job {job_id} is active (a worker holds it); remove it once it finishes"
+                )
+            conn.execute("DELETE FROM jobs WHERE seq = ?", (row[0],))
+            return True
+
+        return await self.db.write(delete)
+
+    async def pause(self) -> None:
+        await self._set_paused(True)
+
+    async def resume(self) -> None:
+        await self._set_paused(False)
+        self.db.notify(self.queue_name)
+
+    async def _set_paused(self, paused: bool) -> None:
+        await self.db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO queues (name, paused) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+                (self.queue_name, int(paused)),
+            )
+        )
+
+    async def is_paused(self) -> bool:
+        rows = self.db.read("SELECT paused FROM queues WHERE name = ?", (self.queue_name,))
+        return bool(rows and rows[0][0])
+
+    async def purge(self) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM jobs WHERE queue = ? AND state != 'active'", (self.queue_name,)
+            ).rowcount
+
+        return await self.db.write(delete)
+
+    async def close(self) -> None:
+        if self._owns_db:
+            self.db.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _id_clause(self, job_id: str) -> tuple[str, tuple[Any, ...]]:
+        # Only the canonical decimal form is a queue-assigned id: "007" or "٣" is a custom one.
+        if job_id.isascii() and job_id.isdigit() and str(int(job_id)) == job_id:
+            seq = int(job_id) if len(job_id) <= 18 else -1  # past SQLite's integers: no job
+            return "seq = ? AND queue = ?", (seq, self.queue_name)
+        return "custom_id = ? AND queue = ?", (job_id, self.queue_name)
+
+
+def _info(row: Sequence[Any]) -> JobInfo:
+    (
+        seq,
+        queue,
+        custom_id,
+        name,
+        data,
+        state,
+        priority,
+        run_at,
+        enqueued_at,
+        attempts_made,
+        max_attempts,
+        _backoff,
+        _started_at,
+        finished_at,
+        result,
+        error,
+        trace,
+        progress,
+        logs,
+        traces,
+    ) = row
+    tracebacks = decode_lenient(traces)
+    return JobInfo(
+        id=custom_id if custom_id is not None else str(seq),
+        name=name,
+        data=decode_lenient(data),
+        queue=queue,
+        state=JobState(state),
+        attempts_made=attempts_made,
+        max_attempts=max_attempts,
+        priority=priority,
+        enqueued_at=to_datetime(enqueued_at) or datetime.fromtimestamp(0, UTC),
+        run_at=to_datetime(run_at),
+        finished_at=to_datetime(finished_at),
+        result=decode_lenient(result),
+        error=error,
+        traceback=trace or None,
+        tracebacks=[str(t) for t in tracebacks] if isinstance(tracebacks, list) else [],
+        progress=decode_lenient(progress) if progress is not None else 0,
+        logs=[str(line) for line in (decode_lenient(logs) or [])],
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _backoff_json(backoff: Retry) -> str:
+    return json.dumps(backoff.to_bullmq())

@@ -1,0 +1,121 @@
+"""The SQLite schema: its version, the steps that migrate a file forward, the shared SQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from corral.errors import BackendError
+
+SCHEMA_VERSION = 3
+
+MIGRATIONS: dict[int, Sequence[str]] = {
+    1: (
+        """
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue TEXT NOT NULL,
+            custom_id TEXT,
+            name TEXT NOT NULL,
+            data TEXT NOT NULL,
+            state TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            run_at INTEGER NOT NULL,
+            enqueued_at INTEGER NOT NULL,
+            attempts_made INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 1,
+            backoff TEXT,
+            lease_token TEXT,
+            lease_expires_at INTEGER,
+            started_at INTEGER,
+            finished_at INTEGER,
+            stalls INTEGER NOT NULL DEFAULT 0,
+            result TEXT,
+            error TEXT,
+            traceback TEXT,
+            progress TEXT,
+            logs TEXT
+        )
+        """,
+        "CREATE UNIQUE INDEX jobs_custom_id ON jobs (queue, custom_id) WHERE custom_id IS NOT NULL",
+        "CREATE INDEX jobs_waiting ON jobs (queue, priority, run_at, seq) WHERE state = 'waiting'",
+        "CREATE INDEX jobs_delayed ON jobs (queue, run_at) WHERE state = 'delayed'",
+        "CREATE INDEX jobs_active ON jobs (queue, lease_expires_at) WHERE state = 'active'",
+        "CREATE INDEX jobs_state ON jobs (queue, state, finished_at)",
+        "CREATE TABLE queues (name TEXT PRIMARY KEY, paused INTEGER NOT NULL DEFAULT 0)",
+    ),
+    # Every enqueue and claim paid for an index over all states; finished jobs are the only
+    # ones that need (state, finished_at), so the index now covers just them.
+    2: (
+        "DROP INDEX jobs_state",
+        "CREATE INDEX jobs_completed ON jobs (queue, finished_at) WHERE state = 'completed'",
+        "CREATE INDEX jobs_failed ON jobs (queue, finished_at) WHERE state = 'failed'",
+    ),
+    # Every failed attempt's traceback (a JSON list), as BullMQ keeps its ``stacktrace`` list.
+    3: (
+        "ALTER TABLE jobs ADD COLUMN tracebacks TEXT",
+        "UPDATE jobs SET tracebacks = json_array(traceback) WHERE traceback IS NOT NULL "
+        "AND traceback != ''",
+    ),
+}
+
+JOB_COLUMNS = (
+    "seq, queue, custom_id, name, data, state, priority, run_at, enqueued_at, attempts_made, "
+    "max_attempts, backoff, started_at, finished_at, result, error, traceback, progress, logs, "
+    "tracebacks"
+)
+
+INSERT = (
+    "INSERT INTO jobs (queue, custom_id, name, data, state, priority, run_at, enqueued_at, "
+    "max_attempts, backoff, logs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+FINISHED_STATES = ("completed", "failed")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The file's schema version (0 for a new file)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def check_not_newer(version: int, path: str) -> None:
+    """Refuse a file written by a newer corral."""
+    if version > SCHEMA_VERSION:
+        raise BackendError(
+            f"SQLite database {path!r} has schema version {version}, newer than this "
+            f"corral understands ({SCHEMA_VERSION}); upgrade corral"
+        )
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Migrate to SCHEMA_VERSION in one transaction (the caller retries while it is locked)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Another process may have migrated while we waited for the lock.
+        current = schema_version(conn)
+        for step in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {step}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def trim_finished(conn: sqlite3.Connection, queue: str, state: str, keep: int) -> None:
+    """Delete the oldest finished jobs in ``state`` beyond the newest ``keep``."""
+    if state not in FINISHED_STATES:
+        raise ValueError(f"only finished jobs are trimmed, not {state!r}")
+    where = f"queue = ? AND state = '{state}'"  # a literal, so SQLite uses the partial index
+    cutoff = conn.execute(
+        f"SELECT finished_at, seq FROM jobs WHERE {where} "
+        "ORDER BY finished_at DESC, seq DESC LIMIT 1 OFFSET ?",
+        (queue, keep),
+    ).fetchone()
+    if cutoff is not None:
+        conn.execute(
+            f"DELETE FROM jobs WHERE {where} AND (finished_at < ? OR "
+            "(finished_at = ? AND seq <= ?))",
+            (queue, cutoff[0], cutoff[0], cutoff[1]),
+        )

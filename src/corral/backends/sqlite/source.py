@@ -1,0 +1,472 @@
+"""The worker side of one SQLite queue: claims, fenced settles, lease renewal, housekeeping.
+
+A claim is one ``UPDATE ... RETURNING`` that moves up to N waiting jobs to *active* and gives them
+a lease: a random token and an expiry. Settling a job (complete, fail, retry, release) is fenced
+on that token and on the expiry: a worker whose lease ran out gets LeaseLostError and the row is
+not touched. Expired leases are taken back by any worker's housekeeping and the job is delivered
+again; after ``max_stalls`` such expiries it is failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
+from corral.backends.sqlite.database import Database
+from corral.backends.sqlite.schema import INSERT, trim_finished
+from corral.errors import LeaseLostError
+from corral.message import Completed, Failed, Outcome, QueueMessage, Released, RetryLater
+from corral.payload import decode_json
+from corral.retry import Retry
+from corral.settings import QueueSettings
+
+logger = logging.getLogger("corral.sqlite")
+
+MAINTAIN_EVERY_S = 1.0
+
+_READY_SQL = (
+    "SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'waiting') "
+    "OR EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'delayed' AND run_at <= ?)"
+)
+
+_Pending = tuple[Claim[int], Outcome, bool, "asyncio.Future[tuple[bool, list[Claim[int]]]]"]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def to_datetime(ms: Any) -> datetime | None:
+    if not isinstance(ms, int):  # NULL, or text a foreign writer put in the column
+        return None
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, ValueError, OSError):  # out of datetime's range
+        return None
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_backoff(text: str) -> Retry | None:
+    """The backoff column, parsed once per distinct value (raises ValueError if unreadable)."""
+    return Retry.from_bullmq(decode_json(text))
+
+
+class SQLiteSource(PullSource[int]):
+    """Claims, settles and housekeeping of one queue; a claim's handle is the row's ``seq``."""
+
+    def __init__(
+        self, db: Database, queue: str, settings: QueueSettings, stop: asyncio.Event
+    ) -> None:
+        self.db = db
+        self.queue = queue
+        self.settings = settings
+        self._stop = stop
+        self.lease_s = settings.lease_s
+        self.lease_ms = max(1, round(self.lease_s * 1000))
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._last_maintain = 0.0
+        self._pending: list[_Pending] = []
+        self._flush_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
+        db.register(queue, self)
+
+    async def aclose(self) -> None:
+        self.db.unregister(self.queue, self)
+
+    # Claiming ---------------------------------------------------------------------------
+
+    async def claim(self, max_jobs: int) -> list[Claim[int]]:
+        now = now_ms()
+        # A read needs no lock: only take the write lock when there is something to claim,
+        # so idle workers woken by other queues' commits do not contend with producers.
+        if not self.db.read(_READY_SQL, (self.queue, self.queue, now)):
+            return []
+        token = secrets.token_hex(8)
+        rows = await self.db.write(lambda conn: self._take(conn, now, token, max_jobs))
+        return self._claims(rows, token)
+
+    def _take(self, conn: sqlite3.Connection, now: int, token: str, max_jobs: int) -> list[Any]:
+        """Promote due delayed jobs and lease up to ``max_jobs`` waiting ones (in a transaction)."""
+        queue = self.queue
+        conn.execute(
+            "UPDATE jobs SET state = 'waiting' WHERE queue = ? AND state = 'delayed' "
+            "AND run_at <= ?",
+            (queue, now),
+        )
+        paused = conn.execute("SELECT paused FROM queues WHERE name = ?", (queue,)).fetchone()
+        if paused is not None and paused[0]:
+            return []
+        return conn.execute(
+            "UPDATE jobs SET state = 'active', lease_token = ?, lease_expires_at = ?, "
+            "started_at = ? WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
+            "state = 'waiting' ORDER BY priority, run_at, seq LIMIT ?) RETURNING "
+            "seq, custom_id, name, data, attempts_made, max_attempts, priority, "
+            "enqueued_at, backoff, run_at",
+            (token, now + self.lease_ms, now, queue, max_jobs),
+        ).fetchall()
+
+    def _claims(self, rows: list[Any], token: str) -> list[Claim[int]]:
+        # A foreign row may hold text where numbers belong: it must not break the sort (and
+        # with it the whole batch); _claim fails it as unreadable.
+        rows.sort(key=lambda r: (_int_or_zero(r[6]), _int_or_zero(r[9]), r[0]))
+        return [self._claim(row, token) for row in rows]
+
+    def _claim(self, row: Sequence[Any], token: str) -> Claim[int]:
+        (
+            seq,
+            custom_id,
+            name,
+            data,
+            attempts_made,
+            max_attempts,
+            priority,
+            enqueued_at,
+            backoff,
+            _run_at,
+        ) = row
+        job_id = custom_id if custom_id is not None else str(seq)
+        try:
+            payload = decode_json(data)
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"job name is {name!r}")
+            if not isinstance(max_attempts, int) or not isinstance(attempts_made, int):
+                raise ValueError("attempt counters are not integers")
+            retry = _parse_backoff(backoff) if backoff else None
+            if not isinstance(priority, int) or not isinstance(enqueued_at, int):
+                raise ValueError("priority or enqueued_at is not an integer")
+        except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as exc:
+            return Claim(job_id, token, None, seq, unreadable=str(exc))
+        message = QueueMessage(
+            id=job_id,
+            name=name,
+            data=payload,
+            queue=self.queue,
+            attempt=attempts_made + 1,
+            max_attempts=max(1, max_attempts),
+            priority=priority,
+            enqueued_at=to_datetime(enqueued_at) or datetime.fromtimestamp(0, UTC),
+            backoff=retry,
+            _progress=self._progress_writer(seq, token),
+            _log=self._log_writer(seq),
+            _max_bytes=self.settings.max_payload_bytes,
+        )
+        return Claim(job_id, token, message, seq)
+
+    def _progress_writer(self, seq: int, token: str) -> Callable[[str], Any]:
+        async def write(text: str) -> None:
+            await self.db.write(
+                lambda conn: conn.execute(
+                    "UPDATE jobs SET progress = ? WHERE seq = ? AND lease_token = ?",
+                    (text, seq, token),
+                )
+            )
+
+        return write
+
+    def _log_writer(self, seq: int) -> Callable[[str], Any]:
+        async def write(text: str) -> None:
+            await self.db.write(
+                lambda conn: conn.execute(
+                    "UPDATE jobs SET logs = json_insert(coalesce(logs, '[]'), '$[#]', ?) "
+                    "WHERE seq = ?",
+                    (text, seq),
+                )
+            )
+
+        return write
+
+    # Settling ---------------------------------------------------------------------------
+
+    async def settle(
+        self, claim: Claim[int], outcome: Outcome, *, fetch_next: bool = False
+    ) -> list[Claim[int]]:
+        # Group commit: settles that arrive in the same loop iteration share one transaction.
+        future: asyncio.Future[tuple[bool, list[Claim[int]]]] = self._loop.create_future()
+        self._pending.append((claim, outcome, fetch_next, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._start_flush)
+        kept, fetched = await future
+        if not kept:
+            raise LeaseLostError(
+                f"lease on job {claim.job_id} expired or was taken over before it could be "
+                f"settled ({type(outcome).__name__}); the job was left untouched"
+            )
+        if isinstance(outcome, RetryLater | Released):
+            self.wake()
+        return fetched
+
+    def _start_flush(self) -> None:
+        task = self._loop.create_task(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flush_scheduled = False
+        now = now_ms()
+        # Fetch-next: a finished job's slot is leased its next job in the same transaction
+        # (one commit per job instead of two, as BullMQ's moveToFinished does).
+        fetch = sum(1 for _, _, fetch_next, _ in batch if fetch_next)
+        token = secrets.token_hex(8)
+        fetched_rows: list[Any] = []
+
+        def apply_all(conn: sqlite3.Connection) -> list[bool]:
+            kept = [self._apply(conn, claim, outcome, now) for claim, outcome, _, _ in batch]
+            if fetch:
+                fetched_rows.extend(self._take(conn, now, token, fetch))
+            return kept
+
+        try:
+            kept = await self.db.write(apply_all)
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        fetched = self._claims(fetched_rows, token) if fetched_rows else []
+        for (_, _, fetch_next, future), ok in zip(batch, kept, strict=True):
+            given = [fetched.pop(0)] if fetch_next and fetched else []
+            if future.done():  # its caller was cancelled: the lease is the loop's to renew
+                fetched[:0] = given
+                continue
+            future.set_result((ok, given))
+        if fetched:  # callers gone: give them back at once rather than let leases expire
+            task = self._loop.create_task(self._release(fetched))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _release(self, claims: list[Claim[int]]) -> None:
+        for claim in claims:
+            try:
+                await self.settle(claim, Released())
+            except Exception as exc:  # its lease expires and it runs again
+                logger.debug("job %s: could not release it: %s", claim.job_id, exc)
+
+    def _apply(
+        self, conn: sqlite3.Connection, claim: Claim[int], outcome: Outcome, now: int
+    ) -> bool:
+        """Apply one outcome under the claim's fence; ``False`` (and no change) if it is stale."""
+        seq = claim.handle
+        fence = "seq = ? AND lease_token = ? AND state = 'active' AND lease_expires_at >= ?"
+        fence_args = (seq, claim.token, now)
+        if isinstance(outcome, Completed):
+            if self.settings.keep_completed == 0:
+                cursor = conn.execute(f"DELETE FROM jobs WHERE {fence}", fence_args)
+            else:
+                cursor = conn.execute(
+                    "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, "
+                    "attempts_made = attempts_made + 1, lease_token = NULL, "
+                    f"lease_expires_at = NULL WHERE {fence}",
+                    (outcome.result_json, now, *fence_args),
+                )
+        elif isinstance(outcome, RetryLater):
+            state = "delayed" if outcome.delay_ms > 0 else "waiting"
+            cursor = conn.execute(
+                "UPDATE jobs SET state = ?, run_at = ?, attempts_made = attempts_made + 1, "
+                f"error = ?, traceback = ?, tracebacks = {_APPEND_TRACE}, lease_token = NULL, "
+                f"lease_expires_at = NULL WHERE {fence}",
+                (
+                    state,
+                    now + outcome.delay_ms,
+                    outcome.error,
+                    outcome.traceback,
+                    outcome.traceback,
+                    outcome.traceback,
+                    *fence_args,
+                ),
+            )
+        elif isinstance(outcome, Failed):
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, traceback = ?, "
+                f"tracebacks = {_APPEND_TRACE}, finished_at = ?, "
+                "attempts_made = attempts_made + 1, lease_token = NULL, "
+                f"lease_expires_at = NULL WHERE {fence}",
+                (outcome.error, outcome.traceback, *[outcome.traceback] * 2, now, *fence_args),
+            )
+            if cursor.rowcount == 1:
+                self._dead_letter(conn, seq, outcome.error, now)
+                if self.settings.keep_failed is not None:
+                    trim_finished(conn, self.queue, "failed", self.settings.keep_failed)
+        elif isinstance(outcome, Released):
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'waiting', lease_token = NULL, "
+                f"lease_expires_at = NULL WHERE {fence}",
+                fence_args,
+            )
+        else:  # pragma: no cover - exhaustive over Outcome
+            raise TypeError(f"unknown outcome {outcome!r}")
+        return cursor.rowcount == 1
+
+    def _dead_letter(self, conn: sqlite3.Connection, seq: int, error: str, now: int) -> None:
+        target = self.settings.dead_letter
+        if target is None:
+            return
+        row = conn.execute(
+            "SELECT custom_id, name, data, max_attempts, backoff, attempts_made FROM jobs "
+            "WHERE seq = ?",
+            (seq,),
+        ).fetchone()
+        custom_id, name, data, max_attempts, backoff, attempts_made = row
+        origin = custom_id if custom_id is not None else str(seq)
+        note = dead_letter_note(self.queue, origin, attempts_made, error)
+        conn.execute(
+            INSERT + " ON CONFLICT DO NOTHING",
+            (
+                target,
+                dead_letter_id(self.queue, origin),
+                name,
+                data,
+                "waiting",
+                0,
+                now,
+                now,
+                max_attempts,
+                backoff,
+                json.dumps([note]),
+            ),
+        )
+        self.db.notify(target)
+
+    async def extend(self, claims: Sequence[Claim[int]]) -> list[Claim[int]]:
+        now = now_ms()
+        until = now + self.lease_ms
+        by_token: dict[str, list[Claim[int]]] = {}
+        for claim in claims:
+            by_token.setdefault(claim.token, []).append(claim)
+
+        def renew(conn: sqlite3.Connection) -> list[Claim[int]]:
+            lost: list[Claim[int]] = []
+            for token, group in by_token.items():
+                seqs = [c.handle for c in group]
+                marks = ",".join("?" * len(seqs))
+                kept = {
+                    r[0]
+                    for r in conn.execute(
+                        f"UPDATE jobs SET lease_expires_at = ? WHERE seq IN ({marks}) AND "
+                        "lease_token = ? AND state = 'active' AND lease_expires_at >= ? "
+                        "RETURNING seq",
+                        (until, *seqs, token, now),
+                    )
+                }
+                lost.extend(c for c in group if c.handle not in kept)
+            return lost
+
+        return await self.db.write(renew)
+
+    async def maintain(self) -> None:
+        if time.monotonic() - self._last_maintain < min(MAINTAIN_EVERY_S, self.lease_s / 3):
+            return
+        self._last_maintain = time.monotonic()
+        now = now_ms()
+        settings = self.settings
+        queue = self.queue
+        trim_completed = settings.keep_completed is not None and (
+            self.db.read(
+                "SELECT 1 FROM jobs WHERE queue = ? AND state = 'completed' LIMIT 1 OFFSET ?",
+                (queue, settings.keep_completed),
+            )
+        )
+        expired_any = self.db.read(
+            "SELECT 1 FROM jobs WHERE queue = ? AND state = 'active' AND lease_expires_at < ? "
+            "LIMIT 1",
+            (queue, now),
+        )
+        if not trim_completed and not expired_any:
+            return
+
+        def housekeeping(conn: sqlite3.Connection) -> tuple[int, int]:
+            expired = conn.execute(
+                "SELECT seq, stalls FROM jobs WHERE queue = ? AND state = 'active' AND "
+                "lease_expires_at < ?",
+                (queue, now),
+            ).fetchall()
+            requeued = failed = 0
+            for seq, stalls in expired:
+                if stalls + 1 > settings.max_stalls:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', stalls = stalls + 1, finished_at = ?, "
+                        "attempts_made = attempts_made + 1, error = ?, lease_token = NULL, "
+                        "lease_expires_at = NULL WHERE seq = ?",
+                        (
+                            now,
+                            f"job stalled more than allowable limit ({settings.max_stalls}): "
+                            "its worker stopped renewing the lease (crashed or was killed)",
+                            seq,
+                        ),
+                    )
+                    self._dead_letter(conn, seq, "stalled", now)
+                    failed += 1
+                else:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'waiting', stalls = stalls + 1, "
+                        "lease_token = NULL, lease_expires_at = NULL WHERE seq = ?",
+                        (seq,),
+                    )
+                    requeued += 1
+            if settings.keep_completed is not None:
+                trim_finished(conn, queue, "completed", settings.keep_completed)
+            return requeued, failed
+
+        requeued, failed = await self.db.write(housekeeping)
+        if requeued or failed:
+            logger.warning(
+                "queue %r: %d job(s) whose lease expired were requeued, %d failed as stalled",
+                queue,
+                requeued,
+                failed,
+            )
+            self.wake()
+
+    # Waiting ----------------------------------------------------------------------------
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        next_due = self.db.read(
+            "SELECT min(run_at) FROM jobs WHERE queue = ? AND state = 'delayed'", (self.queue,)
+        )[0][0]
+        if isinstance(next_due, int):
+            timeout_s = min(timeout_s, max(0.0, (next_due - now_ms()) / 1000))
+        if not self._wake.is_set() and timeout_s > 0:
+            woken = asyncio.ensure_future(self._wake.wait())
+            changed = asyncio.ensure_future(self.db.changed(timeout_s))
+            try:
+                await asyncio.wait({woken, changed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+                changed.cancel()
+        self._wake.clear()
+
+    def wake(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+
+# The attempt's traceback appended to the JSON list of every attempt's (an empty one is not).
+# Its two parameters are the same traceback.
+_APPEND_TRACE = (
+    "CASE WHEN ? = '' THEN tracebacks ELSE json_insert(coalesce(tracebacks, '[]'), '$[#]', ?) END"
+)

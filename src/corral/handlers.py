@@ -1,0 +1,238 @@
+"""Running handlers: lookup by job name, timeouts, the thread pool of sync handlers, and the
+outcome (complete, retry after a backoff, fail) the backend records. The same for every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import functools
+import inspect
+import logging
+import traceback
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from corral.errors import HandlerTimeoutError, PayloadError, UnrecoverableError
+from corral.message import (
+    Completed,
+    Failed,
+    Outcome,
+    QueueMessage,
+    RetryLater,
+    attempt_text,
+)
+from corral.payload import encode_payload
+from corral.retry import Retry
+
+logger = logging.getLogger("corral.worker")
+
+Handler = Callable[[QueueMessage], Any]
+
+HANDLER_THREAD_PREFIX = "corral-handler"
+
+_pools: weakref.WeakSet[HandlerThreads] = weakref.WeakSet()
+
+
+def running_sync_handlers() -> int:
+    """How many synchronous handlers run in this process now (abandoned ones included)."""
+    return sum(len(pool.running) for pool in list(_pools))
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """A registered handler and its defaults."""
+
+    name: str
+    fn: Handler
+    is_async: bool
+    attempts: int | None
+    backoff: Retry | None
+    timeout_s: float | None
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+def job_fields(message: QueueMessage) -> dict[str, Any]:
+    """The job of a log record, for structured (JSON) logs."""
+    return {
+        "job_id": message.id,
+        "job_name": message.name,
+        "queue": message.queue,
+        "attempt": message.attempt,
+    }
+
+
+class HandlerThreads:
+    """The threads that run synchronous handlers.
+
+    A thread cannot be cancelled. When a sync handler outlives its ``timeout_s`` its thread is
+    *abandoned*: the attempt fails, the thread no longer counts against the worker's
+    concurrency and the pool grows by one so other jobs keep running. At most
+    ``max_abandoned`` threads may be abandoned at once; past that the worker stops (see
+    :attr:`overflowing`), since only ending the process frees them.
+    """
+
+    def __init__(self, concurrency: int, max_abandoned: int) -> None:
+        self.max_abandoned = max_abandoned
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=concurrency + max_abandoned, thread_name_prefix=HANDLER_THREAD_PREFIX
+        )
+        self.running: set[concurrent.futures.Future[Any]] = set()
+        self.abandoned: set[concurrent.futures.Future[Any]] = set()
+        _pools.add(self)
+
+    @property
+    def overflowing(self) -> bool:
+        return len(self.abandoned) >= self.max_abandoned
+
+    async def run(self, spec: HandlerSpec, message: QueueMessage) -> Any:
+        ctx = contextvars.copy_context()
+        future = self._pool.submit(ctx.run, spec.fn, message)
+        self.running.add(future)
+        future.add_done_callback(self._done)
+        wrapped = asyncio.wrap_future(future)
+        if spec.timeout_s is None:
+            return await wrapped
+        try:
+            return await asyncio.wait_for(asyncio.shield(wrapped), spec.timeout_s)
+        except TimeoutError:
+            if not future.done():
+                self.abandoned.add(future)
+                logger.warning(
+                    "job %s %r: synchronous handler still running after timeout_s=%g; its "
+                    "thread is abandoned and no longer counts against concurrency "
+                    "(%d of at most %d abandoned threads still running)",
+                    message.id,
+                    message.name,
+                    spec.timeout_s,
+                    len(self.abandoned),
+                    self.max_abandoned,
+                    extra=job_fields(message),
+                )
+            raise HandlerTimeoutError(
+                f"handler {spec.name!r} ran longer than timeout_s={spec.timeout_s:g}"
+            ) from None
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        self.running.discard(future)
+        if future in self.abandoned:
+            self.abandoned.discard(future)
+            logger.info("an abandoned synchronous handler thread finished")
+
+    def shutdown(self) -> None:
+        """Stop idle threads; threads still running a handler are left to finish."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Dispatcher:
+    """Runs one delivery through its handler and says what should happen to the job."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, HandlerSpec],
+        *,
+        max_payload_bytes: int,
+        safe_integers: bool,
+        threads: HandlerThreads,
+        enqueue: Callable[..., Any] | None = None,
+    ) -> None:
+        self.handlers = handlers
+        self.max_payload_bytes = max_payload_bytes
+        self.safe_integers = safe_integers
+        self.threads = threads
+        self.enqueue = enqueue
+
+    async def __call__(self, message: QueueMessage) -> Outcome:
+        spec = self.handlers.get(message.name)
+        if spec is None:
+            error = f"no handler registered for {message.name!r}"
+            logger.error(
+                "job %s %r %s failed: %s",
+                message.id,
+                message.name,
+                attempt_text(message.attempt, message.max_attempts),
+                error,
+                extra=job_fields(message),
+            )
+            return Failed(error, "")
+        message._enqueue = self.enqueue
+        try:
+            result = await self._call(spec, message)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the worker's own cancellation (shutdown): the job is released
+            return self.failure(message, asyncio.CancelledError("the handler was cancelled"))
+        except BaseException as exc:
+            # A handler that calls sys.exit() or raises KeyboardInterrupt fails its attempt;
+            # only a signal to the process stops the worker.
+            return self.failure(message, exc)
+        try:
+            return Completed(
+                encode_payload(
+                    result,
+                    max_bytes=self.max_payload_bytes,
+                    what="handler result",
+                    safe_integers=self.safe_integers,
+                )
+            )
+        except PayloadError as exc:
+            # The work ran; repeating it could repeat side effects, so this is final.
+            logger.error(
+                "job %s %r %s: %s",
+                message.id,
+                message.name,
+                attempt_text(message.attempt, message.max_attempts),
+                exc,
+                extra=job_fields(message),
+            )
+            return Failed(f"{exc}", "")
+
+    async def _call(self, spec: HandlerSpec, message: QueueMessage) -> Any:
+        if not spec.is_async:
+            return await self.threads.run(spec, message)
+        if spec.timeout_s is None:
+            return await spec.fn(message)
+        try:
+            return await asyncio.wait_for(spec.fn(message), spec.timeout_s)
+        except TimeoutError:
+            raise HandlerTimeoutError(
+                f"handler {spec.name!r} ran longer than timeout_s={spec.timeout_s:g}"
+            ) from None
+
+    def failure(self, message: QueueMessage, exc: BaseException) -> Outcome:
+        error = f"{type(exc).__name__}: {exc}"
+        trace = "".join(traceback.format_exception(exc))
+        final = isinstance(exc, UnrecoverableError) or message.attempt >= message.max_attempts
+        attempt = attempt_text(message.attempt, message.max_attempts)
+        if final:
+            logger.error(
+                "job %s %r %s failed for good: %s",
+                message.id,
+                message.name,
+                attempt,
+                error,
+                extra={**job_fields(message), "traceback": trace},
+            )
+            return Failed(error, trace)
+        delay_ms = message.backoff.delay_for(message.attempt) if message.backoff else 0
+        logger.warning(
+            "job %s %r %s failed, retry in %d ms: %s",
+            message.id,
+            message.name,
+            attempt,
+            delay_ms,
+            error,
+            extra={**job_fields(message), "traceback": trace},
+        )
+        return RetryLater(error, trace, delay_ms)
