@@ -561,6 +561,7 @@ def serve(options: WorkerOptions) -> int:
         plan = build_worker(
             options.overrides, modules, options.queues, concurrency=options.concurrency
         )
+        plan.service.backend  # noqa: B018  (imports the backend's driver: a missing extra shows now)
     except CorralError as exc:
         report_error(exc)
         return EXIT_CONFIG
