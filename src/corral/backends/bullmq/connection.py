@@ -115,7 +115,14 @@ class RedisStore:
         for queue in queues:
             if queue not in self._prepared:
                 keys = self.protocol.keys.of(queue)
-                await client.hset(keys["meta"], "version", LIB_VERSION)
+                if self._wire is not None:  # one connection, however many callers start at once
+                    (reply,) = await self._wire.execute(
+                        [pack_command("HSET", keys["meta"], "version", LIB_VERSION)]
+                    )
+                    if isinstance(reply, BaseException):
+                        raise reply
+                else:
+                    await client.hset(keys["meta"], "version", LIB_VERSION)
                 for key in keys.values():
                     self._packed_keys[key] = bulk(key)
                 self._prepared.add(queue)
