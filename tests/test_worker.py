@@ -464,3 +464,121 @@ def test_supervised_burst_workers_use_the_global_options(
     assert supervisor.wait(60) == 0, supervisor.log()
     assert supervisor.log().count("drained the queue") == 2
     assert [emails.job(job_id).result for job_id in ids] == list(range(8))
+
+
+ATEXIT_TASKS = """
+import atexit, os
+from corral import QueueService
+service = QueueService()
+
+@atexit.register
+def flushed():
+    with open(os.environ["ATEXIT_FILE"], "a") as out:
+        out.write(f"{os.getpid()}\\n")
+"""
+
+
+def test_an_idle_supervised_worker_stops_cleanly_and_runs_exit_hooks(
+    tmp_path: Path, spawn: Callable[..., Proc]
+) -> None:
+    (tmp_path / "atexit_tasks.py").write_text(ATEXIT_TASKS)
+    hooks = tmp_path / "atexit.txt"
+    supervisor = spawn(
+        "-m", "corral.cli", "worker", "atexit_tasks", "--processes", "4", ATEXIT_FILE=str(hooks)
+    )
+    children = [
+        int(pid)
+        for _, pid in supervisor.wait_for_log(
+            r"worker process (\d)/4 started \(pid (\d+)\)", count=4
+        )
+    ]
+    supervisor.wait_for_log(r"worker started: queue='default'", count=4)
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait(30) == 0, supervisor.log()
+    assert "still running" not in supervisor.log()
+    ran = {int(line) for line in hooks.read_text().split()}
+    assert set(children) <= ran  # every child's atexit hooks ran: a normal exit
+    assert supervisor.pid in ran
+
+
+TWO_SERVICES = """
+from corral import QueueMessage, QueueService, QueueSettings
+
+emails = QueueService(QueueSettings(name="emails", sqlite_path="jobs.db"))
+reports = QueueService(QueueSettings(name="reports", sqlite_path="jobs.db"))
+
+@emails.handler("welcome")
+async def welcome(message: QueueMessage) -> str:
+    # Chaining by hand: the follow-up goes to the queue this job came from.
+    follow_up = await message.enqueue("log_sent", {"to": message.data["to"]})
+    return follow_up
+
+@emails.handler("log_sent")
+async def log_sent(message: QueueMessage) -> str:
+    return f"sent to {message.data['to']}"
+
+@reports.handler("build")
+def build(message: QueueMessage) -> int:
+    return sum(message.data)
+"""
+
+
+def test_a_worker_serves_its_task_modules_services_with_their_settings(
+    tmp_path: Path, spawn: Callable[..., Proc]
+) -> None:
+    """`corral worker tasks --burst` with services on jobs.db: not a new corral.db, both
+    queues in one process, and a job enqueued from a handler lands in its own queue."""
+    (tmp_path / "two_services.py").write_text(TWO_SERVICES)
+    jobs = tmp_path / "jobs.db"
+    emails, reports = Queue(jobs, "emails"), Queue(jobs, "reports")
+    welcome = emails.enqueue("welcome", {"to": "ada"})
+    build = reports.enqueue("build", [1, 2, 3])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
+    worker = subprocess.run(
+        [PYTHON, "-m", "corral.cli", "worker", "two_services", "--burst"],
+        env={**python_env(), **{k: v for k, v in env.items() if k == "PATH"}},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    assert not (tmp_path / "corral.db").exists()
+    follow_up = emails.job(welcome).result
+    assert emails.job(follow_up).result == "sent to ada"
+    assert reports.job(build).result == 6
+    assert emails.counts()[JobState.COMPLETED] == 2
+    assert "queue='emails'" in worker.stderr and "queue='reports'" in worker.stderr
+
+
+def test_the_command_line_may_not_contradict_a_service_s_own_settings(tmp_path: Path) -> None:
+    (tmp_path / "two_services.py").write_text(TWO_SERVICES)
+    done = subprocess.run(
+        [PYTHON, "-m", "corral.cli", "--sqlite-path", "other.db", "worker", "two_services"],
+        env=python_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "sqlite_path='jobs.db'" in done.stderr and "'other.db'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_one_worker_serves_several_queues_with_their_own_concurrency(
+    tmp_path: Path, spawn: Callable[..., Proc], out: Path
+) -> None:
+    db = tmp_path / "queue.db"
+    first, second = Queue(db, "first"), Queue(db, "second")
+    ids = [first.enqueue("echo", {"out": str(out), "value": i}) for i in range(3)]
+    ids += [second.enqueue("echo", {"out": str(out), "value": i}) for i in range(3)]
+    first.enqueue("x")  # paused below: not run
+    Queue(db, "first")._run(lambda s: s.pause())
+    worker = spawn(
+        "-m", "corral.worker", "tasks_worker", "--queue", "first:2", "--queue", "second", "--burst"
+    )
+    assert worker.wait(60) == 0, worker.log()
+    assert "queue='first' concurrency=2" in worker.log()
+    assert first.counts()[JobState.WAITING] == 4  # a paused queue delivers nothing
+    assert second.counts()[JobState.COMPLETED] == 3
