@@ -68,7 +68,7 @@ from rich.progress import (
 from rich.table import Table
 
 from corral import __version__
-from corral.errors import ConfigError, CorralError
+from corral.errors import BenchError, ConfigError, Unsupported
 from corral.message import QueueMessage
 from corral.service import QueueService
 from corral.settings import QueueSettings, is_loopback_url, redact_url
@@ -91,14 +91,6 @@ PYTHON_SYSTEMS = frozenset({"corral-sqlite", "corral-bullmq", "bullmq-py", "huey
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = Path("bench") / "node" / "bullmq-bench.mjs"
 NODE_MODULES_DIR = Path("tests") / "node"
-
-
-class BenchError(CorralError):
-    """A benchmark phase could not run (a runner failed, timed out or answered nonsense)."""
-
-
-class Unsupported(BenchError):
-    """The system has no API for what the phase measures (e.g. Huey has no bulk enqueue)."""
 
 
 # -- plans --------------------------------------------------------------------------------------
