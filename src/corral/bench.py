@@ -68,6 +68,7 @@ from rich.progress import (
 from rich.table import Table
 
 from corral import __version__
+from corral._cliutil import cli_state, corral_errors
 from corral.errors import BenchError, ConfigError, Unsupported
 from corral.message import QueueMessage
 from corral.service import QueueService
@@ -1675,18 +1676,10 @@ def bench_command(
     ] = 1,
 ) -> None:
     """Benchmark corral on SQLite and BullMQ against bullmq, Node.js BullMQ and Huey."""
-    from corral.cli import CliState, corral_errors  # the command is registered by corral.cli
-
-    state = ctx.find_root().obj
-    overrides = state.overrides if isinstance(state, CliState) else {}
+    state = cli_state(ctx)
     with corral_errors():
         chosen = parse_systems(systems)
-        url = (
-            redis_url
-            or QueueSettings(
-                **{key: overrides[key] for key in ("redis_url",) if key in overrides}
-            ).redis_url
-        )
+        url = redis_url or state.redis_url()
         if REDIS_SYSTEMS & set(chosen):
             check_loopback(url)
         report = run_bench(quick=quick, systems=chosen, redis_url=url, processes=processes)

@@ -45,6 +45,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from corral._cliutil import cli_state, corral_errors
 from corral.errors import ConfigError
 from corral.message import JobState
 from corral.service import QueueService
@@ -765,14 +766,10 @@ def chaos_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Kill workers at random while they work, then check no job was lost (exit 1 if one was)."""
-    from corral.cli import CliState, corral_errors  # the command is registered by corral.cli
-
-    state = ctx.find_root().obj
-    overrides = state.overrides if isinstance(state, CliState) else {}
+    state = cli_state(ctx)
     with corral_errors():
-        base = QueueSettings(**{key: overrides[key] for key in ("redis_url",) if key in overrides})
         config = ChaosConfig(
-            backend=backend or overrides.get("backend") or "sqlite",
+            backend=backend or state.overrides.get("backend") or "sqlite",
             jobs=jobs,
             workers=workers,
             concurrency=concurrency,
@@ -782,7 +779,7 @@ def chaos_command(
             lease_s=lease_s,
             max_stalls=max_stalls,
             drain_timeout_s=drain_timeout_s,
-            redis_url=redis_url or base.redis_url,
+            redis_url=redis_url or state.redis_url(),
             workdir=workdir,
             keep=keep,
             seed=seed,
