@@ -22,10 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
-from corral._cliutil import CliState, corral_errors, fail
+from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
 from corral.bench import bench_command
-from corral.chaos import chaos_command
 from corral.errors import ConfigError, CorralError
 from corral.message import JobInfo, JobState
 from corral.service import QueueService
@@ -495,7 +494,17 @@ def check(
     raise typer.Exit(code)
 
 
-app.command("chaos")(chaos_command)
+# -- tools, imported only when they run ---------------------------------------------------------
+
+
+@app.command(context_settings=PASS_ARGUMENTS, add_help_option=False)
+def chaos(ctx: typer.Context) -> None:
+    """Kill workers at random while they work, then check no job was lost (exit 1 if one was)."""
+    from corral.tools.chaos import chaos_command
+
+    run_tool_command(ctx, chaos_command)
+
+
 app.command("bench")(bench_command)
 
 
