@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from corral import JobInfo, JobState, QueueService, QueueSettings, cli
+from corral.tools.bench import bench_command
 from corral.tools.chaos import chaos_command
 
 from conftest import PYTHON, python_env, unique_queue_name
@@ -384,7 +385,7 @@ def test_tool_commands_are_imported_only_when_they_run(corral: Corral) -> None:
     assert imported.stdout.strip() == "[]", imported.stdout + imported.stderr
     # `corral --help` lists each tool with the first line of the tool's own help.
     helped = corral.ok("--help")
-    for name, command in (("chaos", chaos_command),):
+    for name, command in (("chaos", chaos_command), ("bench", bench_command)):
         assert getattr(cli, name).__doc__ == command.__doc__, name
         first_words = " ".join((command.__doc__ or "").split()[:4])
         assert re.search(rf"^\s+{name}\s+{first_words}", helped, re.M), (name, helped)
@@ -392,6 +393,10 @@ def test_tool_commands_are_imported_only_when_they_run(corral: Corral) -> None:
     assert chaos_help.startswith("Usage: corral chaos [OPTIONS]")
     for option in ("--backend", "--jobs", "--kill-every-s", "--workdir", "--json"):
         assert option in chaos_help, option
+    bench_help = corral.ok("bench", "--help")
+    assert bench_help.startswith("Usage: corral bench [OPTIONS]")
+    for option in ("--quick", "--systems", "--json", "--markdown", "--processes"):
+        assert option in bench_help, option
     refused = corral("chaos", "--no-such-option")
     assert refused.returncode == 2 and "No such option: --no-such-option" in refused.stderr
 

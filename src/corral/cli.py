@@ -24,7 +24,6 @@ from rich.text import Text
 from corral import __version__
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
-from corral.bench import bench_command
 from corral.errors import ConfigError, CorralError
 from corral.message import JobInfo, JobState
 from corral.service import QueueService
@@ -505,7 +504,12 @@ def chaos(ctx: typer.Context) -> None:
     run_tool_command(ctx, chaos_command)
 
 
-app.command("bench")(bench_command)
+@app.command(context_settings=PASS_ARGUMENTS, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Load-test corral on SQLite and on BullMQ: enqueue and job rates, pickup, memory."""
+    from corral.tools.bench import bench_command
+
+    run_tool_command(ctx, bench_command)
 
 
 # -- entry point --------------------------------------------------------------------------------
