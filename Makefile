@@ -14,7 +14,7 @@ help:
 	@echo "make bench        install what corral is compared with (bench/requirements.txt, npm ci"
 	@echo "                  in bench/node) and run bench/compare.py, about 5 minutes;"
 	@echo "                  BENCH_ARGS=\"--json FILE --markdown FILE\" keeps the results"
-	@echo "make bench-quick  the same as a smoke run, about 30 seconds"
+	@echo "make bench-quick  the same as a smoke run, about 40 seconds"
 	@echo "make clean        remove caches and build output"
 
 demo:
