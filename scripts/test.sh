@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Lint, type-check and test corral. `make test` runs this and so does `.ci/run`.
 #
-# Installs the dev tools into .venv, the Node.js interop fixture's packages (tests/node), makes
-# sure Redis answers on 127.0.0.1:6379 (starting redis-server if it does not), then runs
-# ruff check, ruff format --check, mypy --strict and pytest. Extra arguments go to pytest.
+# Installs the dev tools into .venv, the Node.js interop fixture's packages (tests/node), what
+# bench/compare.py compares corral with (scripts/bench-setup.sh), makes sure Redis answers on
+# 127.0.0.1:6379 (starting redis-server if it does not), then runs ruff check, ruff format
+# --check, mypy --strict (src/corral, bench, examples) and pytest. Extra arguments go to pytest.
 # With CI=true a missing service fails the run instead of skipping its tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ if [ -f tests/node/package-lock.json ]; then
         fi
     fi
 fi
+scripts/bench-setup.sh
 
 redis_answers() {
     "$BIN/python" - "$REDIS_PORT" <<'PY'

@@ -1,29 +1,60 @@
-"""`corral bench --quick` as a smoke test: it runs and reports every figure. It asserts no speed."""
+"""`corral bench --quick` and `python bench/compare.py --quick` as smoke tests: they run and report
+every figure. They assert no speed.
+
+The comparison runs only the peers: corral's systems are the same code in both, measured once.
+Locally a peer that is not installed (``make bench`` installs them) is reported, not measured;
+with CI=true every system must run.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-from corral.bench import SCHEMA, SYSTEMS, parse_systems, percentile
 from corral.errors import ConfigError
+from corral.tools.bench import CORRAL, SCHEMA, Memory, Pickup, SystemResult, percentile
 
-from conftest import PYTHON, ROOT, python_env
+from conftest import IN_CI, PYTHON, ROOT, python_env
+
+COMPARE_SCRIPT = ROOT / "bench" / "compare.py"
+CORRAL_SYSTEMS = ["corral-sqlite", "corral-bullmq"]
+PEERS = ["bullmq-py", "bullmq-node", "huey-sqlite"]
+
+
+def run_command(command: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=timeout_s
+    )
 
 
 def run_corral(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "corral", *args],
-        capture_output=True,
-        text=True,
-        env=python_env(),
-        cwd=ROOT,
-        timeout=timeout_s,
-    )
+    return run_command([PYTHON, "-m", "corral", *args], timeout_s)
+
+
+def run_compare(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return run_command([PYTHON, str(COMPARE_SCRIPT), *args], timeout_s)
+
+
+@pytest.fixture(scope="module")
+def compare() -> Iterator[ModuleType]:
+    """bench/compare.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("compare", COMPARE_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules["compare"]
 
 
 def assert_figures(result: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -54,8 +85,30 @@ def assert_figures(result: dict[str, Any], plan: dict[str, Any]) -> None:
     assert len(result["phase_s"]) == 4 + len(plan["processed"]), name
 
 
+def assert_report(report: dict[str, Any], systems: list[str]) -> None:
+    """A quick report of ``systems``: every available one has every figure, the others say why
+    not (and in CI every one is available)."""
+    assert report["schema"] == SCHEMA
+    assert report["mode"] == "quick"
+    assert report["corral"]["version"]
+    assert report["duration_s"] > 0
+    assert report["machine"]["cpus"] >= 1
+    assert list(report["systems"]) == systems
+    for name, result in report["systems"].items():
+        assert result["system"] == name
+        if result["available"]:
+            assert_figures(result, report["plan"])
+        else:
+            assert result["reason"], name
+            if IN_CI:
+                pytest.fail(f"required in CI: {name}: {result['reason']}")
+    for check in report["checks"]:
+        assert set(check) == {"check", "measured", "target", "met", "values"}
+        assert all(value > 0 for value in check["values"].values()), check
+
+
 @pytest.mark.timeout(180)
-def test_quick_run_reports_every_figure_of_every_available_system(tmp_path: Path) -> None:
+def test_quick_run_reports_every_figure_of_both_backends(tmp_path: Path) -> None:
     report_path = tmp_path / "bench" / "quick.json"
     markdown_path = tmp_path / "bench" / "quick.md"
     done = run_corral(
@@ -64,55 +117,129 @@ def test_quick_run_reports_every_figure_of_every_available_system(tmp_path: Path
     assert done.returncode == 0, done.stderr + done.stdout
 
     report = json.loads(report_path.read_text())
-    assert report["schema"] == SCHEMA
-    assert report["mode"] == "quick"
-    assert report["corral"]["version"]
-    assert report["duration_s"] > 0
-    assert report["machine"]["cpus"] >= 1
-    assert list(report["systems"]) == list(SYSTEMS)
+    assert_report(report, CORRAL_SYSTEMS)
     assert report["systems"]["corral-sqlite"]["available"], report["systems"]["corral-sqlite"]
-    for name, result in report["systems"].items():
-        assert result["system"] == name
-        if result["available"]:
-            assert_figures(result, report["plan"])
-        else:
-            assert result["reason"], name
+    assert set(report["machine"]["packages"]) == {"redis", "hiredis", "bullmq"}
 
-    # The checks are computed from the same run: at least corral-sqlite's own targets.
+    # The checks are corral's own targets, computed from the same run; no ratios to peers.
     names = [check["check"] for check in report["checks"]]
     assert any(name.startswith("corral-sqlite enqueue one by one") for name in names)
-    for check in report["checks"]:
-        assert set(check) == {"check", "measured", "target", "met", "values"}
-        assert all(value > 0 for value in check["values"].values()), check
     if report["systems"]["corral-bullmq"]["available"]:
         assert any(name.startswith("corral-bullmq idle pickup") for name in names)
+    assert not any(" / " in name for name in names), names
 
     assert "corral-sqlite" in done.stdout
     assert "targets and ratios" in done.stdout
     markdown = markdown_path.read_text()
-    assert "| | " + " | ".join(SYSTEMS) + " |" in markdown
+    assert "| | corral-sqlite | corral-bullmq |" in markdown
     assert "| enqueue 1 by 1 /s |" in markdown
 
 
-def test_systems_can_be_chosen_and_unknown_ones_are_refused() -> None:
-    assert parse_systems(["huey-sqlite,corral-sqlite"]) == ["corral-sqlite", "huey-sqlite"]
-    assert parse_systems(["bullmq-py", "corral-bullmq"]) == ["corral-bullmq", "bullmq-py"]
-    assert parse_systems(None) == list(SYSTEMS)
-    with pytest.raises(ConfigError, match="unknown system"):
-        parse_systems(["corral-sqlite,rq"])
+@pytest.mark.timeout(180)
+def test_quick_comparison_reports_every_figure_of_the_peers(tmp_path: Path) -> None:
+    report_path = tmp_path / "compare.json"
+    done = run_compare("--quick", "--systems", ",".join(PEERS), "--json", str(report_path))
+    assert done.returncode == 0, done.stderr + done.stdout
 
-    done = run_corral("bench", "--quick", "--systems", "celery")
+    report = json.loads(report_path.read_text())
+    assert_report(report, PEERS)
+    assert set(report["machine"]["packages"]) == {"redis", "hiredis", "bullmq", "huey"}
+    systems = report["systems"]
+    if systems["bullmq-node"]["available"]:
+        assert report["machine"]["node"], report["machine"]
+        assert systems["bullmq-node"]["version"].startswith("bullmq 6.7.0, Node ")
+    if systems["bullmq-py"]["available"] and systems["bullmq-node"]["available"]:
+        names = [check["check"] for check in report["checks"]]
+        assert names == ["bullmq-py / bullmq-node processed"]
+    for name in PEERS:
+        assert name in done.stdout
+
+
+def result(system: str, **figures: Any) -> SystemResult:
+    return SystemResult(
+        system,
+        system,
+        True,
+        version="1",
+        pickup={"cross_process": Pickup(8, 1.0, 2.0, 3.0)},
+        rss=Memory(1000, 1, 1, 1, 1),
+        **figures,
+    )
+
+
+def test_comparison_checks_corral_against_its_peers(compare: ModuleType) -> None:
+    results = {
+        "corral-sqlite": result("corral-sqlite", enqueue_one_per_s=20_000.0),
+        "corral-bullmq": result(
+            "corral-bullmq",
+            enqueue_one_per_s=5_000.0,
+            enqueue_bulk_per_s=30_000.0,
+            processed_per_s={"1": 3_000.0, "10": 9_000.0},
+        ),
+        "bullmq-py": result("bullmq-py", processed_per_s={"1": 1_000.0, "10": 4_000.0}),
+        "bullmq-node": result(
+            "bullmq-node",
+            enqueue_one_per_s=5_000.0,
+            enqueue_bulk_per_s=20_000.0,
+            processed_per_s={"1": 3_000.0, "10": 12_000.0},
+        ),
+        "huey-sqlite": result("huey-sqlite", enqueue_one_per_s=4_000.0),
+    }
+    checks = {check.check: check for check in compare.all_checks(results)}
+
+    # corral's own targets first, as `corral bench` computes them.
+    assert list(checks)[:3] == [
+        "corral-sqlite enqueue one by one",
+        "corral-sqlite idle pickup p99, across processes",
+        "corral-bullmq idle pickup p99, across processes",
+    ]
+    assert checks["corral-sqlite / huey-sqlite enqueue one by one"].values == {"": 5.0}
+    assert checks["corral-sqlite / huey-sqlite enqueue one by one"].met is None
+    assert "corral-sqlite / huey-sqlite processed" not in checks  # no figures on either side
+    by_py = checks["corral-bullmq / bullmq-py processed"]
+    assert (by_py.values, by_py.target, by_py.met) == ({"1": 3.0, "10": 2.25}, ">= 2.5x", False)
+    by_node = checks["corral-bullmq / bullmq-node processed"]
+    assert (by_node.values, by_node.met) == ({"1": 1.0, "10": 0.75}, True)
+    assert checks["corral-bullmq / bullmq-node enqueue one by one"].measured == "1.00x"
+    assert checks["corral-bullmq / bullmq-node enqueue in bulk"].values == {"": 1.5}
+    assert checks["bullmq-py / bullmq-node processed"].target == "reference"
+
+    # Without the peers, only corral's targets remain.
+    assert compare.peer_checks({"corral-bullmq": results["corral-bullmq"]}) == []
+
+
+def test_systems_can_be_chosen_and_unknown_ones_are_refused(compare: ModuleType) -> None:
+    assert CORRAL.parse_systems(["corral-bullmq,corral-sqlite"]) == CORRAL_SYSTEMS
+    assert CORRAL.parse_systems(None) == CORRAL_SYSTEMS
+    assert compare.COMPARE.parse_systems(["huey-sqlite,corral-sqlite"]) == [
+        "corral-sqlite",
+        "huey-sqlite",
+    ]
+    assert compare.COMPARE.parse_systems(["bullmq-py", "corral-bullmq"]) == [
+        "corral-bullmq",
+        "bullmq-py",
+    ]
+    assert compare.COMPARE.parse_systems(None) == CORRAL_SYSTEMS + PEERS
+    with pytest.raises(ConfigError, match="unknown system"):
+        CORRAL.parse_systems(["corral-sqlite,huey-sqlite"])
+
+    done = run_corral("bench", "--quick", "--systems", "bullmq-py")
+    assert done.returncode == 2
+    assert "unknown system(s) bullmq-py; choose from corral-sqlite, corral-bullmq" in done.stderr
+    done = run_compare("--quick", "--systems", "celery")
     assert done.returncode == 2
     assert "unknown system(s) celery" in done.stderr
 
 
 def test_a_redis_elsewhere_is_refused() -> None:
-    done = run_corral(
-        "bench", "--quick", "--systems", "bullmq-py", "--redis-url", "redis://:pw@10.1.2.3:6379/0"
-    )
-    assert done.returncode == 2
-    assert "only uses a Redis on this machine" in done.stderr
-    assert "pw" not in done.stderr
+    far = ("--redis-url", "redis://:pw@10.1.2.3:6379/0")
+    for done in (
+        run_corral("bench", "--quick", "--systems", "corral-bullmq", *far),
+        run_compare("--quick", "--systems", "bullmq-py", *far),
+    ):
+        assert done.returncode == 2, done.stderr
+        assert "only uses a Redis on this machine" in done.stderr
+        assert "pw" not in done.stderr
 
 
 def test_percentile_interpolates_between_samples() -> None:

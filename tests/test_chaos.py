@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from corral.chaos import ChaosReport, Kill, Ledger
+from corral.tools.chaos import ChaosReport, Kill, Ledger
 
 from conftest import PYTHON, python_env
 

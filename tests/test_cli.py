@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from corral import JobInfo, JobState, QueueService, QueueSettings
+from corral import JobInfo, JobState, QueueService, QueueSettings, cli
+from corral.tools.bench import bench_command
+from corral.tools.chaos import chaos_command
 
 from conftest import PYTHON, python_env, unique_queue_name
 
@@ -370,6 +372,34 @@ def test_console_script(corral: Corral) -> None:
     helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     for command in ("enqueue", "stats", "jobs", "job", "retry", "purge", "worker", "check"):
         assert re.search(rf"^\s+{command}\s", helped.stdout, re.M), command
+
+
+def test_tool_commands_are_imported_only_when_they_run(corral: Corral) -> None:
+    probe = "import sys, corral.cli; print([m for m in sys.modules if 'corral.tools' in m])"
+    imported = subprocess.run(
+        [PYTHON, "-c", probe],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.stdout.strip() == "[]", imported.stdout + imported.stderr
+    # `corral --help` lists each tool with the first line of the tool's own help.
+    helped = corral.ok("--help")
+    for name, command in (("chaos", chaos_command), ("bench", bench_command)):
+        assert getattr(cli, name).__doc__ == command.__doc__, name
+        first_words = " ".join((command.__doc__ or "").split()[:4])
+        assert re.search(rf"^\s+{name}\s+{first_words}", helped, re.M), (name, helped)
+    chaos_help = corral.ok("chaos", "--help")
+    assert chaos_help.startswith("Usage: corral chaos [OPTIONS]")
+    for option in ("--backend", "--jobs", "--kill-every-s", "--workdir", "--json"):
+        assert option in chaos_help, option
+    bench_help = corral.ok("bench", "--help")
+    assert bench_help.startswith("Usage: corral bench [OPTIONS]")
+    for option in ("--quick", "--systems", "--json", "--markdown", "--processes"):
+        assert option in bench_help, option
+    refused = corral("chaos", "--no-such-option")
+    assert refused.returncode == 2 and "No such option: --no-such-option" in refused.stderr
 
 
 def test_demo_runs_and_drains_its_batch(corral: Corral) -> None:

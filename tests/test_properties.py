@@ -31,9 +31,9 @@ from corral import (
     UnrecoverableError,
 )
 from corral.backends.sqlite import SQLiteBackend
-from corral.chaos import settings_env
 from corral.jobs import MAX_ATTEMPTS, MAX_DELAY_S, PRIORITY_LIMIT
 from corral.payload import MAX_NESTING, decode_json, encode_payload
+from corral.tools.chaos import settings_env
 
 T = TypeVar("T")
 

@@ -234,7 +234,7 @@ def test_cli_output_hides_the_password(tmp_path: Path) -> None:
         for name, (args, env) in runs.items()
     }
     worker = subprocess.Popen(
-        [PYTHON, "-m", "corral.worker", "corral._chaos_tasks", "--log-level", "debug"],
+        [PYTHON, "-m", "corral.worker", "corral.tools._chaos_tasks", "--log-level", "debug"],
         env=python_env(**dead),
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from corral import JobState, QueueService
-from corral.chaos import JOB_NAME, TASK_MODULE, settings_env
+from corral.tools.chaos import JOB_NAME, TASK_MODULE, settings_env
 
 from conftest import PYTHON, SettingsFactory, python_env
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
-// The Node.js BullMQ reference of `corral bench`: the same measurements as corral's own runner,
-// with the npm `bullmq` package of tests/node (or --modules DIR). Every mode prints JSON.
+// The Node.js BullMQ system of bench/compare.py: the same measurements as corral's own runner,
+// with the npm `bullmq` package of this folder (npm ci here; or --modules DIR). Every mode prints
+// JSON.
 //
 //   node bullmq-bench.mjs enqueue --queue Q --count N [--batch B]    one by one (B=0) or addBulk
 //   node bullmq-bench.mjs work --queue Q --count N --concurrency C   drain N prefilled no-op jobs
@@ -10,13 +11,13 @@
 //   node bullmq-bench.mjs version                                    the bullmq version in use
 //
 // Common options: --redis URL (redis://127.0.0.1:6379/0), --modules DIR (the folder holding
-// node_modules/bullmq; default tests/node next to this script's repository).
+// node_modules/bullmq; default this script's folder).
 // Times are CLOCK_MONOTONIC microseconds (process.hrtime), the clock Python's time.monotonic_ns()
 // reads, so a producer in one language and a worker in another measure the same interval.
 
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 
@@ -27,7 +28,7 @@ function parseArgs(argv) {
   const opts = {
     mode,
     redis: 'redis://127.0.0.1:6379/0',
-    modules: resolve(HERE, '..', '..', 'tests', 'node'),
+    modules: HERE,
     queue: 'bench',
     count: 1000,
     batch: 0,

@@ -12,11 +12,9 @@ import asyncio
 import enum
 import json
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,8 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
-from corral.bench import bench_command
-from corral.chaos import chaos_command
+from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
+from corral._cliutil import cli_state as _state
 from corral.errors import ConfigError, CorralError, JobNotFoundError
 from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from corral.message import JobInfo, JobState
@@ -68,44 +66,6 @@ class BackendName(enum.StrEnum):
 
     SQLITE = "sqlite"
     BULLMQ = "bullmq"
-
-
-@dataclass(slots=True)
-class CliState:
-    """What the global options said, for the commands."""
-
-    overrides: dict[str, Any] = field(default_factory=dict)
-    log_level: str | None = None
-
-    def settings(self) -> QueueSettings:
-        return QueueSettings(**self.overrides)
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with ``code``."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def corral_errors() -> Iterator[None]:
-    """Turn corral's errors into one line on stderr and a non-zero exit, never a traceback."""
-    try:
-        yield
-    except ConfigError as exc:
-        fail(str(exc), EXIT_CONFIG)
-    except CorralError as exc:
-        fail(str(exc))
-    except TimeoutError:
-        fail("the queue backend did not answer in time")
-
-
-def _state(ctx: typer.Context) -> CliState:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, CliState) else CliState()
 
 
 def run(ctx: typer.Context, call: Callable[[QueueService], Awaitable[T]]) -> T:
@@ -568,8 +528,23 @@ def check(
     raise typer.Exit(code)
 
 
-app.command("chaos")(chaos_command)
-app.command("bench")(bench_command)
+# -- tools, imported only when they run ---------------------------------------------------------
+
+
+@app.command(context_settings=PASS_ARGUMENTS, add_help_option=False)
+def chaos(ctx: typer.Context) -> None:
+    """Kill workers at random while they work, then check no job was lost (exit 1 if one was)."""
+    from corral.tools.chaos import chaos_command
+
+    run_tool_command(ctx, chaos_command)
+
+
+@app.command(context_settings=PASS_ARGUMENTS, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Load-test corral on SQLite and on BullMQ: enqueue and job rates, pickup, memory."""
+    from corral.tools.bench import bench_command
+
+    run_tool_command(ctx, bench_command)
 
 
 # -- entry point --------------------------------------------------------------------------------

@@ -60,3 +60,11 @@ class HandlerTimeoutError(CorralError, TimeoutError):
 
 class NoHandlerError(CorralError, LookupError):
     """A worker received a job whose name has no registered handler."""
+
+
+class BenchError(CorralError):
+    """A benchmark phase could not run (a runner failed, timed out or answered nonsense)."""
+
+
+class Unsupported(BenchError):
+    """The system has no API for what the phase measures (e.g. Huey has no bulk enqueue)."""

@@ -1,14 +1,14 @@
 """Fault injection: run real workers, SIGKILL them at random, and check that no job was lost.
 
 ``corral chaos`` (or :func:`run_chaos`) starts ``workers`` worker processes
-(``python -m corral.worker corral._chaos_tasks``) on a fresh queue, enqueues ``jobs`` jobs spread
-over ``duration_s`` while it kills a random worker with SIGKILL every ``kill_every_s`` and starts
-a new one in its place, then lets the queue drain (within ``drain_timeout_s``) and checks the
-outcome the way Jepsen's total-queue checker does, against two records:
+(``python -m corral.worker corral.tools._chaos_tasks``) on a fresh queue, enqueues ``jobs`` jobs
+spread over ``duration_s`` while it kills a random worker with SIGKILL every ``kill_every_s`` and
+starts a new one in its place, then lets the queue drain (within ``drain_timeout_s``) and checks
+the outcome the way Jepsen's total-queue checker does, against two records:
 
 - the queue's own state: which jobs it says are completed, failed, still active;
 - a ledger outside the queue: an append-only file in which the handler writes a ``start`` line
-  before its work and a ``done`` line after it (see :mod:`corral._chaos_tasks`).
+  before its work and a ``done`` line after it (see :mod:`corral.tools._chaos_tasks`).
 
 A job is *lost* if it was enqueued and is not completed at the end; *duplicated* if the ledger
 shows it done more than once. At-least-once delivery allows duplicates only for jobs a kill
@@ -45,6 +45,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from corral._cliutil import cli_state, corral_errors
 from corral.errors import ConfigError
 from corral.message import JobState
 from corral.service import QueueService
@@ -53,7 +54,7 @@ from corral.settings import QueueSettings, is_loopback_url, redact_url
 logger = logging.getLogger("corral.chaos")
 
 JOB_NAME = "corral.chaos"
-TASK_MODULE = "corral._chaos_tasks"
+TASK_MODULE = "corral.tools._chaos_tasks"
 
 MAX_JOBS = 1_000_000
 MAX_WORKERS = 64
@@ -765,14 +766,10 @@ def chaos_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Kill workers at random while they work, then check no job was lost (exit 1 if one was)."""
-    from corral.cli import CliState, corral_errors  # the command is registered by corral.cli
-
-    state = ctx.find_root().obj
-    overrides = state.overrides if isinstance(state, CliState) else {}
+    state = cli_state(ctx)
     with corral_errors():
-        base = QueueSettings(**{key: overrides[key] for key in ("redis_url",) if key in overrides})
         config = ChaosConfig(
-            backend=backend or overrides.get("backend") or "sqlite",
+            backend=backend or state.overrides.get("backend") or "sqlite",
             jobs=jobs,
             workers=workers,
             concurrency=concurrency,
@@ -782,7 +779,7 @@ def chaos_command(
             lease_s=lease_s,
             max_stalls=max_stalls,
             drain_timeout_s=drain_timeout_s,
-            redis_url=redis_url or base.redis_url,
+            redis_url=redis_url or state.redis_url(),
             workdir=workdir,
             keep=keep,
             seed=seed,

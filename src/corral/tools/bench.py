@@ -1,13 +1,20 @@
-"""``corral bench``: corral on SQLite and on BullMQ, side by side with the queues it is measured
-against (the ``bullmq`` Python package, Node.js BullMQ, Huey's SqliteHuey).
+"""``corral bench``: a load test of corral itself, on SQLite and on BullMQ (Redis), as
+redis-benchmark and pgbench ship with their servers.
+
+It measures enqueue rates (one by one and in bulk), jobs processed per second at concurrency
+1, 10 and 50, the idle pickup latency and the worker's memory, and checks the figures against
+corral's targets. The same machinery measures other queues side by side with corral: a
+:class:`System` says whether a queue can run and how to start its runners, a :class:`Suite`
+lists the systems and checks of one command (``bench/compare.py`` in a corral checkout adds the
+``bullmq`` package's Worker, Node.js BullMQ and Huey).
 
 Method, the same for every system:
 
 - Every measurement runs in separate processes ("runners"): a long-lived *producer* process per
   system and a fresh *worker* process per worker run. This process only orchestrates, so what
   is timed never shares an interpreter (and its GIL) with the progress bar and the bookkeeping.
-  Python systems run ``python -m corral.bench SYSTEM ROLE``; Node.js BullMQ runs
-  ``bench/node/bullmq-bench.mjs ROLE`` with the same roles and the same JSON lines.
+  corral's runners are ``python -m corral.tools.bench SYSTEM ROLE``; every runner, in any
+  language, takes the same roles and answers with the same JSON lines.
 - Every phase gets a fresh queue (a fresh SQLite file, or a fresh queue name on Redis whose keys
   are deleted afterwards).
 - Enqueue: the producer adds N jobs one by one (awaiting each), then N more in bulk (batches);
@@ -48,7 +55,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,8 +74,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+import corral
 from corral import __version__
-from corral.errors import ConfigError, CorralError
+from corral._cliutil import cli_state, corral_errors
+from corral.errors import BenchError, ConfigError, Unsupported
 from corral.message import QueueMessage
 from corral.service import QueueService
 from corral.settings import QueueSettings, is_loopback_url, redact_url
@@ -77,28 +86,8 @@ SCHEMA = "corral-bench/1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 JOB_NAME = "noop"
 BUSY_LOAD = 0.5
-
-SYSTEMS: dict[str, str] = {
-    "corral-sqlite": "corral, SQLite backend",
-    "corral-bullmq": "corral, BullMQ backend",
-    "bullmq-py": "bullmq (Python) Queue/Worker",
-    "bullmq-node": "BullMQ on Node.js",
-    "huey-sqlite": "Huey SqliteHuey",
-}
-REDIS_SYSTEMS = frozenset({"corral-bullmq", "bullmq-py", "bullmq-node"})
-PYTHON_SYSTEMS = frozenset({"corral-sqlite", "corral-bullmq", "bullmq-py", "huey-sqlite"})
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-NODE_SCRIPT = Path("bench") / "node" / "bullmq-bench.mjs"
-NODE_MODULES_DIR = Path("tests") / "node"
-
-
-class BenchError(CorralError):
-    """A benchmark phase could not run (a runner failed, timed out or answered nonsense)."""
-
-
-class Unsupported(BenchError):
-    """The system has no API for what the phase measures (e.g. Huey has no bulk enqueue)."""
+RUNNER_MODULE = "corral.tools.bench"
+BACKEND_LABELS = {"sqlite": "SQLite", "bullmq": "BullMQ"}
 
 
 # -- plans --------------------------------------------------------------------------------------
@@ -310,94 +299,22 @@ class CorralClient(Client):
         await self.service.close()
 
 
-class BullmqPyClient(Client):
-    """The ``bullmq`` Python package's own Queue and Worker."""
-
-    def __init__(self, queue_name: str, path: str | None, redis_url: str) -> None:
-        super().__init__(queue_name, path, redis_url)
-        self.bullmq: Any = importlib.import_module("bullmq")
-        self.queue: Any = None
-
-    async def open(self) -> None:
-        self.queue = self.bullmq.Queue(self.queue_name, {"connection": self.redis_url})
-        await self.queue.getJobCounts("waiting")
-
-    async def enqueue_one(self, data: Data) -> None:
-        await self.queue.add(JOB_NAME, data)
-
-    async def enqueue_bulk(self, items: list[Data]) -> None:
-        await self.queue.addBulk([{"name": JOB_NAME, "data": data} for data in items])
-
-    async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
-        async def noop(job: Any, token: str) -> None:
-            on_job(job.data)
-
-        worker = self.bullmq.Worker(
-            self.queue_name, noop, {"connection": self.redis_url, "concurrency": concurrency}
-        )
-        await stop.wait()
-        await worker.close()
-
-    async def close(self) -> None:
-        if self.queue is not None:
-            await self.queue.close()
+ClientFactory = Callable[[str, str | None, str], Client]
+"""Makes a system's client from (queue name, SQLite file or None, Redis URL)."""
 
 
-class HueyClient(Client):
-    """Huey's SqliteHuey with a thread-pool consumer (Huey has no asyncio API)."""
+def _corral_client(backend: str) -> ClientFactory:
+    def make(queue_name: str, path: str | None, redis_url: str) -> Client:
+        return CorralClient(queue_name, path, redis_url, backend)
 
-    def __init__(self, queue_name: str, path: str | None, redis_url: str) -> None:
-        super().__init__(queue_name, path, redis_url)
-        huey: Any = importlib.import_module("huey")
-        self.huey: Any = huey.SqliteHuey(name=queue_name, filename=path or "huey-bench.db")
-        self._on_job: OnJob | None = None
-
-        def noop(data: Data) -> None:
-            if self._on_job is not None:
-                self._on_job(data)
-
-        self.task: Any = self.huey.task(name=JOB_NAME)(noop)
-
-    async def open(self) -> None:
-        self.huey.storage.queue_size()
-
-    async def enqueue_one(self, data: Data) -> None:
-        self.task(data)
-
-    async def prefill(self, items: list[Data]) -> None:
-        # No bulk API: write Huey's own messages in one transaction (this is untimed setup).
-        storage = self.huey.storage
-        rows = [
-            (storage.name, memoryview(self.huey.serialize_task(self.task.s(data))), 0)
-            for data in items
-        ]
-        with storage.db(commit=True) as cursor:
-            cursor.executemany("INSERT INTO task (queue, data, priority) VALUES (?, ?, ?)", rows)
-
-    async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
-        self._on_job = on_job
-        consumer = self.huey.create_consumer(
-            workers=concurrency, worker_type="thread", periodic=False, check_worker_health=False
-        )
-        consumer.start()
-        await stop.wait()
-        await asyncio.to_thread(consumer.stop, graceful=True)
-
-    async def close(self) -> None:
-        self.huey.storage.close()
+    return make
 
 
-def make_client(system: str, queue_name: str, path: str | None, redis_url: str) -> Client:
-    """The client of a Python ``system``."""
-    if system == "corral-sqlite":
-        return CorralClient(queue_name, path, redis_url, "sqlite")
-    if system == "corral-bullmq":
-        return CorralClient(queue_name, path, redis_url, "bullmq")
-    if system == "bullmq-py":
-        return BullmqPyClient(queue_name, path, redis_url)
-    if system == "huey-sqlite":
-        return HueyClient(queue_name, path, redis_url)
-    raise ConfigError(f"no Python runner for {system!r}")
+CORRAL_CLIENTS: dict[str, ClientFactory] = {
+    "corral-sqlite": _corral_client("sqlite"),
+    "corral-bullmq": _corral_client("bullmq"),
+}
+"""The clients of ``python -m corral.tools.bench SYSTEM ROLE``."""
 
 
 class Meter:
@@ -444,14 +361,14 @@ def _items(start: int, count: int) -> list[Data]:
     return [{"i": i} for i in range(start, start + count)]
 
 
-async def role_producer(system: str, redis_url: str) -> None:
+async def role_producer(make_client: ClientFactory, redis_url: str) -> None:
     """Answer JSON commands on stdin: ``enqueue`` (timed), ``probe`` (an idle-pickup job)."""
     clients: dict[str, Client] = {}
 
     async def client_for(command: Data) -> Client:
         key = str(command["queue"])
         if key not in clients:
-            client = make_client(system, key, command.get("path"), redis_url)
+            client = make_client(key, command.get("path"), redis_url)
             await client.open()
             clients[key] = client
         return clients[key]
@@ -606,10 +523,15 @@ async def role_idle(client: Client, samples: int, gap_ms: tuple[int, int]) -> Da
     return {"ok": True, "latencies_ms": latencies}
 
 
-def runner_main(argv: Sequence[str] | None = None) -> None:
-    """``python -m corral.bench SYSTEM ROLE``: one runner process of ``corral bench``."""
-    parser = argparse.ArgumentParser(prog="python -m corral.bench", description=__doc__)
-    parser.add_argument("system", choices=sorted(PYTHON_SYSTEMS))
+def runner_main(
+    argv: Sequence[str] | None = None,
+    clients: Mapping[str, ClientFactory] = CORRAL_CLIENTS,
+    prog: str = f"python -m {RUNNER_MODULE}",
+) -> None:
+    """``python -m corral.tools.bench SYSTEM ROLE``: one runner process of ``corral bench``;
+    ``clients`` (the systems it can run) and ``prog`` for a runner entry of other systems."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("system", choices=sorted(clients))
     parser.add_argument("role", choices=("producer", "work", "idle-worker", "idle"))
     parser.add_argument("--queue", default="bench")
     parser.add_argument("--path", default=None, help="SQLite file (SQLite systems)")
@@ -626,9 +548,9 @@ def runner_main(argv: Sequence[str] | None = None) -> None:
 
     async def go() -> None:
         if args.role == "producer":
-            await role_producer(args.system, args.redis)
+            await role_producer(clients[args.system], args.redis)
             return
-        client = make_client(args.system, args.queue, args.path, args.redis)
+        client = clients[args.system](args.queue, args.path, args.redis)
         if args.role == "work":
             _emit(
                 await role_work(
@@ -724,15 +646,11 @@ class _Child:
 
 @dataclass(slots=True)
 class Environment:
-    """What the orchestrator found: where things are, which versions, which Redis."""
+    """The Redis the orchestrator found (or started) for the systems that need one."""
 
     redis_url: str
     redis_version: str | None
     redis_error: str | None
-    node: str | None
-    node_script: Path | None
-    node_modules: Path | None
-    node_bullmq: str | None
 
 
 def _redis_client(url: str) -> Any:
@@ -776,63 +694,83 @@ def ensure_redis(url: str) -> tuple[str | None, str | None, bool]:
     return None, f"{first_error}; redis-server was started but does not answer", False
 
 
-def find_node(
-    node_script: Path | None, node_modules: Path | None
-) -> tuple[Path | None, Path | None]:
-    """The Node.js runner script and the folder whose node_modules holds ``bullmq``."""
-    if node_script is None:
-        for base in (_REPO_ROOT, Path.cwd()):
-            if (base / NODE_SCRIPT).is_file():
-                node_script = base / NODE_SCRIPT
-                break
-    if node_modules is None and node_script is not None:
-        for candidate in (
-            node_script.parent,
-            node_script.parent.parent.parent / NODE_MODULES_DIR,
-            Path.cwd() / NODE_MODULES_DIR,
-        ):
-            if (candidate / "node_modules" / "bullmq" / "package.json").is_file():
-                node_modules = candidate
-                break
-    return node_script, node_modules
-
-
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of the Python distribution ``name``, or ``None``."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def availability(system: str, env: Environment) -> tuple[str | None, str | None]:
-    """(version, None) if ``system`` can run here, else (None, why not)."""
-    if system in REDIS_SYSTEMS and env.redis_error:
-        return None, env.redis_error
-    if system == "corral-sqlite":
-        return f"corral {__version__}, SQLite {sqlite3.sqlite_version}", None
-    if system == "corral-bullmq":
+class System(ABC):
+    """A queue the benchmark measures: whether it can run here, and how to start its runners."""
+
+    uses_redis: bool = False
+    """Its queues live on the run's Redis (else each phase gets a SQLite file)."""
+    multi_process: bool = False
+    """``--processes N`` applies: N worker processes drain its processed phases together."""
+
+    def __init__(self, name: str, label: str) -> None:
+        self.name = name
+        self.label = label
+
+    @abstractmethod
+    def availability(self, env: Environment) -> tuple[str | None, str | None]:
+        """(what runs, with versions; ``None``) if it can run here, else (``None``, why not).
+        Only asked when the run's Redis answers or the system does not use Redis."""
+
+    @abstractmethod
+    def runner(self, role: str) -> list[str]:
+        """The command that starts one of its runner processes in ``role``; the options
+        (``--queue``, ``--redis``, ``--count``, ...) are appended."""
+
+    def runtimes(self) -> dict[str, str | None]:
+        """Versions of the runtimes it needs besides Python (e.g. ``{"node": "v20.1.0"}``),
+        recorded with the machine."""
+        return {}
+
+
+class CorralSystem(System):
+    """corral's ``QueueService`` on one backend, run by ``python -m corral.tools.bench``."""
+
+    multi_process = True
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(f"corral-{backend}", f"corral, {BACKEND_LABELS[backend]} backend")
+        self.backend = backend
+        self.uses_redis = backend == "bullmq"
+
+    def availability(self, env: Environment) -> tuple[str | None, str | None]:
+        if self.backend == "sqlite":
+            return f"corral {__version__}, SQLite {sqlite3.sqlite_version}", None
         if importlib.util.find_spec("corral.backends.bullmq") is None:
             return None, "not installed: this corral has no BullMQ backend module"
         return f"corral {__version__}, Redis {env.redis_version}", None
-    if system == "bullmq-py":
-        version = _package_version("bullmq")
-        if version is None or importlib.util.find_spec("bullmq") is None:
-            return None, "not installed: pip install bullmq"
-        return f"bullmq {version}, Redis {env.redis_version}", None
-    if system == "bullmq-node":
-        if env.node is None:
-            return None, "not installed: no `node` on PATH"
-        if env.node_script is None:
-            return None, f"not installed: {NODE_SCRIPT} not found (run from a corral checkout)"
-        if env.node_modules is None or env.node_bullmq is None:
-            return None, f"not installed: npm ci in {NODE_MODULES_DIR}"
-        return f"bullmq {env.node_bullmq}, Node {env.node}, Redis {env.redis_version}", None
-    if system == "huey-sqlite":
-        version = _package_version("huey")
-        if version is None or importlib.util.find_spec("huey") is None:
-            return None, "not installed: pip install 'corral[bench]'"
-        return f"huey {version}, SQLite {sqlite3.sqlite_version}", None
-    raise ConfigError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+    def runner(self, role: str) -> list[str]:
+        return [sys.executable, "-m", RUNNER_MODULE, self.name, role]
+
+
+@dataclass(frozen=True, slots=True)
+class Suite:
+    """What one benchmark command measures: its systems (in the report's order), the checks
+    computed from their figures, and the Python packages whose versions the report names."""
+
+    systems: dict[str, System]
+    checks: Callable[[dict[str, SystemResult]], list[Check]]
+    packages: tuple[str, ...]
+
+    def parse_systems(self, values: Sequence[str] | None) -> list[str]:
+        """``--systems a,b --systems c`` as a list in the suite's order; all when empty."""
+        if not values:
+            return list(self.systems)
+        chosen = {part.strip() for value in values for part in value.split(",") if part.strip()}
+        unknown = sorted(chosen - set(self.systems))
+        if unknown:
+            raise ConfigError(
+                f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(self.systems)}"
+            )
+        return [name for name in self.systems if name in chosen]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -860,7 +798,12 @@ class Bench:
     """Runs the phases of each system and collects a :class:`SystemResult` per system."""
 
     def __init__(
-        self, plan: Plan, env: Environment, workdir: Path, progress: Progress, processes: int = 1
+        self,
+        plan: Plan,
+        env: Environment,
+        workdir: Path,
+        progress: Progress,
+        processes: int = 1,
     ) -> None:
         self.plan = plan
         self.processes = processes
@@ -872,35 +815,24 @@ class Bench:
         self._redis: Any = None
         self._child_env = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
         self._child_env.setdefault("PYTHONUNBUFFERED", "1")
-        src = str(Path(__file__).resolve().parents[1])
+        # The runners import the corral this process imported (a checkout's src, for one).
+        corral_home = str(Path(corral.__file__).resolve().parents[1])
         self._child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (src, os.environ.get("PYTHONPATH", "")) if p
+            p for p in (corral_home, os.environ.get("PYTHONPATH", "")) if p
         )
 
     # Children -----------------------------------------------------------------------------
 
-    def _command(self, system: str, role: str, options: dict[str, Any]) -> list[str]:
-        if system == "bullmq-node":
-            assert self.env.node_script is not None and self.env.node_modules is not None
-            base = [
-                "node",
-                str(self.env.node_script),
-                role,
-                "--modules",
-                str(self.env.node_modules),
-            ]
-            options = {k: v for k, v in options.items() if k != "path"}
-        else:
-            base = [sys.executable, "-m", "corral.bench", system, role]
-        base += ["--redis", self.env.redis_url]
+    def _command(self, system: System, role: str, options: dict[str, Any]) -> list[str]:
+        command = [*system.runner(role), "--redis", self.env.redis_url]
         for key, value in options.items():
             if value is not None:
-                base += [f"--{key.replace('_', '-')}", str(value)]
-        return base
+                command += [f"--{key.replace('_', '-')}", str(value)]
+        return command
 
-    def spawn(self, system: str, role: str, **options: Any) -> _Child:
+    def spawn(self, system: System, role: str, **options: Any) -> _Child:
         """Start a runner; every runner started here is ended by :meth:`close`."""
-        log = self.workdir / f"{system}-{role}-{len(self.children)}.log"
+        log = self.workdir / f"{system.name}-{role}-{len(self.children)}.log"
         child = _Child(
             self._command(system, role, options), cwd=self.workdir, env=self._child_env, log=log
         )
@@ -919,19 +851,19 @@ class Bench:
 
     # Places -------------------------------------------------------------------------------
 
-    def place(self, system: str, phase: str) -> dict[str, Any]:
+    def place(self, system: System, phase: str) -> dict[str, Any]:
         """A fresh queue (and SQLite file) for one phase of one system."""
-        name = f"corral-bench-{self.run_id}-{system}-{phase}"
+        name = f"corral-bench-{self.run_id}-{system.name}-{phase}"
         path = None
-        if system not in REDIS_SYSTEMS:
-            folder = self.workdir / system
+        if not system.uses_redis:
+            folder = self.workdir / system.name
             folder.mkdir(exist_ok=True)
             path = str(folder / f"{phase}.db")
         return {"queue": name, "path": path}
 
-    def discard(self, system: str, where: dict[str, Any]) -> None:
+    def discard(self, system: System, where: dict[str, Any]) -> None:
         """Delete what a phase left: the Redis keys of its queue, or its SQLite files."""
-        if system in REDIS_SYSTEMS:
+        if system.uses_redis:
             if self._redis is None:
                 self._redis = _redis_client(self.env.redis_url)
             pattern = f"bull:{where['queue']}:*"
@@ -950,8 +882,8 @@ class Bench:
 
     # Phases -------------------------------------------------------------------------------
 
-    def run_system(self, system: str, version: str, task: Any) -> SystemResult:
-        result = SystemResult(system, SYSTEMS[system], True, version=version)
+    def run_system(self, system: System, version: str, task: Any) -> SystemResult:
+        result = SystemResult(system.name, system.label, True, version=version)
         plan = self.plan
         phases: list[tuple[str, Callable[[_Child], None]]] = [
             ("enqueue one by one", lambda p: self._enqueue(system, p, result, bulk=False)),
@@ -971,7 +903,7 @@ class Bench:
         producer = self.spawn(system, "producer")
         try:
             for title, phase in phases:
-                self.progress.update(task, description=f"{system}: {title}")
+                self.progress.update(task, description=f"{system.name}: {title}")
                 began = time.monotonic()
                 try:
                     phase(producer)
@@ -988,7 +920,9 @@ class Bench:
     def _enqueue_timeout(self, count: int) -> float:
         return self.plan.max_phase_s + count / 500
 
-    def _enqueue(self, system: str, producer: _Child, result: SystemResult, *, bulk: bool) -> None:
+    def _enqueue(
+        self, system: System, producer: _Child, result: SystemResult, *, bulk: bool
+    ) -> None:
         plan = self.plan
         count = plan.enqueue_bulk if bulk else plan.enqueue_one
         where = self.place(system, "bulk" if bulk else "one")
@@ -1008,12 +942,12 @@ class Bench:
             result.enqueue_one_per_s = round(rate, 1)
 
     def _processed(
-        self, system: str, producer: _Child, result: SystemResult, concurrency: int
+        self, system: System, producer: _Child, result: SystemResult, concurrency: int
     ) -> None:
         plan = self.plan
         count = plan.processed[concurrency]
         where = self.place(system, f"c{concurrency}")
-        shared = self.processes > 1 and system.startswith("corral-")
+        shared = self.processes > 1 and system.multi_process
         # Several processes each stop after their share, and the jobs a process runs while it
         # stops are more than its share: extra jobs keep the last process from running dry.
         extra = self.processes * max(concurrency, 100) * 2 if shared else 0
@@ -1069,7 +1003,7 @@ class Bench:
             )
 
     def _processed_by_processes(
-        self, system: str, where: dict[str, Any], count: int, concurrency: int
+        self, system: System, where: dict[str, Any], count: int, concurrency: int
     ) -> Data:
         """``corral worker --processes N``: N worker processes at ``concurrency`` each drain the
         queue together, each its share of ``count``; they start at the same clock time (after
@@ -1112,7 +1046,7 @@ class Bench:
         low, high = self.plan.idle_gap_ms
         return random.uniform(low, high) / 1000
 
-    def _pickup(self, system: str, producer: _Child, result: SystemResult) -> None:
+    def _pickup(self, system: System, producer: _Child, result: SystemResult) -> None:
         plan = self.plan
         where = self.place(system, "idle")
         worker = self.spawn(system, "idle-worker", **where)
@@ -1135,7 +1069,7 @@ class Bench:
             self.discard(system, where)
         result.pickup["cross_process"] = pickup_of(latencies)
 
-    def _pickup_in_process(self, system: str, result: SystemResult) -> None:
+    def _pickup_in_process(self, system: System, result: SystemResult) -> None:
         plan = self.plan
         where = self.place(system, "idle-in-process")
         low, high = plan.idle_gap_ms
@@ -1172,111 +1106,84 @@ def _fmt_ratio(value: float) -> str:
     return f"{value:.2f}x"
 
 
-def build_checks(results: dict[str, SystemResult]) -> list[Check]:
-    """The team's targets and the reference ratios, from the figures of this run."""
-    checks: list[Check] = []
+def available(results: dict[str, SystemResult], system: str) -> SystemResult | None:
+    """The result of ``system`` if it was measured in this run."""
+    found = results.get(system)
+    return found if found is not None and found.available else None
 
-    def get(system: str) -> SystemResult | None:
-        found = results.get(system)
-        return found if found is not None and found.available else None
 
-    def at_least(name: str, value: float | None, goal: float, unit: str) -> None:
-        if value is None:
-            return
-        checks.append(
-            Check(name, f"{value:,.0f}{unit}", f">= {goal:,.0f}{unit}", value >= goal, {"": value})
-        )
+def at_least(name: str, value: float | None, goal: float, unit: str) -> Check | None:
+    """A target "``value`` >= ``goal``"; ``None`` without a value."""
+    if value is None:
+        return None
+    return Check(name, f"{value:,.0f}{unit}", f">= {goal:,.0f}{unit}", value >= goal, {"": value})
 
-    def ratio_check(
-        name: str, mine: dict[str, float], theirs: dict[str, float], goal: float | None
-    ) -> None:
-        ratios = {k: mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0}
-        if not ratios:
-            return
-        measured = " · ".join(
-            (f"c={k} " if k else "") + _fmt_ratio(v) for k, v in sorted(ratios.items(), key=_key)
-        )
-        met = None if goal is None else all(v >= goal for v in ratios.values())
-        target = "reference" if goal is None else f">= {goal:g}x"
-        checks.append(
-            Check(name, measured, target, met, {k: round(v, 3) for k, v in ratios.items()})
-        )
 
-    def scalar(value: float | None) -> dict[str, float]:
-        return {} if value is None else {"": value}
+def at_most_ms(name: str, value_ms: float, goal_ms: float) -> Check:
+    """A target "``value_ms`` <= ``goal_ms``"."""
+    return Check(
+        name, f"{_fmt_ms(value_ms)} ms", f"<= {goal_ms:g} ms", value_ms <= goal_ms, {"": value_ms}
+    )
 
-    sqlite, huey = get("corral-sqlite"), get("huey-sqlite")
+
+def ratio(
+    name: str, mine: dict[str, float], theirs: dict[str, float], goal: float | None
+) -> Check | None:
+    """``mine / theirs`` for each key both have (concurrency, or ``""`` for one figure): a
+    target ">= ``goal``" for every ratio, or a reference without one; ``None`` without ratios."""
+    ratios = {k: mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0}
+    if not ratios:
+        return None
+    measured = " · ".join(
+        (f"c={k} " if k else "") + _fmt_ratio(v) for k, v in sorted(ratios.items(), key=_key)
+    )
+    met = None if goal is None else all(v >= goal for v in ratios.values())
+    target = "reference" if goal is None else f">= {goal:g}x"
+    return Check(name, measured, target, met, {k: round(v, 3) for k, v in ratios.items()})
+
+
+def one_figure(value: float | None) -> dict[str, float]:
+    """A single figure in the form :func:`ratio` takes."""
+    return {} if value is None else {"": value}
+
+
+def corral_checks(results: dict[str, SystemResult]) -> list[Check]:
+    """corral's own targets, from the figures of this run."""
+    checks: list[Check | None] = []
+    sqlite = available(results, "corral-sqlite")
     if sqlite is not None:
         if sqlite.processed_per_s:
             best_c, best = max(sqlite.processed_per_s.items(), key=lambda kv: kv[1])
-            at_least(f"corral-sqlite processed (best: c={best_c})", best, 10_000, "/s")
-        at_least("corral-sqlite enqueue one by one", sqlite.enqueue_one_per_s, 15_000, "/s")
-        at_least("corral-sqlite enqueue in bulk", sqlite.enqueue_bulk_per_s, 100_000, "/s")
+            checks.append(
+                at_least(f"corral-sqlite processed (best: c={best_c})", best, 10_000, "/s")
+            )
+        checks.append(
+            at_least("corral-sqlite enqueue one by one", sqlite.enqueue_one_per_s, 15_000, "/s")
+        )
+        checks.append(
+            at_least("corral-sqlite enqueue in bulk", sqlite.enqueue_bulk_per_s, 100_000, "/s")
+        )
         cross = sqlite.pickup.get("cross_process")
         if cross is not None:
             checks.append(
-                Check(
-                    "corral-sqlite idle pickup p99, across processes",
-                    f"{_fmt_ms(cross.p99_ms)} ms",
-                    "<= 50 ms",
-                    cross.p99_ms <= 50,
-                    {"": cross.p99_ms},
-                )
+                at_most_ms("corral-sqlite idle pickup p99, across processes", cross.p99_ms, 50)
             )
-        if huey is not None:
-            ratio_check(
-                "corral-sqlite / huey-sqlite enqueue one by one",
-                scalar(sqlite.enqueue_one_per_s),
-                scalar(huey.enqueue_one_per_s),
-                None,
-            )
-            ratio_check(
-                "corral-sqlite / huey-sqlite processed",
-                sqlite.processed_per_s,
-                huey.processed_per_s,
-                None,
-            )
-    mine, py, node = get("corral-bullmq"), get("bullmq-py"), get("bullmq-node")
-    if mine is not None:
-        if py is not None:
-            ratio_check(
-                "corral-bullmq / bullmq-py processed", mine.processed_per_s, py.processed_per_s, 2.5
-            )
-        if node is not None:
-            ratio_check(
-                "corral-bullmq / bullmq-node processed",
-                mine.processed_per_s,
-                node.processed_per_s,
-                0.5,
-            )
-            ratio_check(
-                "corral-bullmq / bullmq-node enqueue one by one",
-                scalar(mine.enqueue_one_per_s),
-                scalar(node.enqueue_one_per_s),
-                0.9,
-            )
-            ratio_check(
-                "corral-bullmq / bullmq-node enqueue in bulk",
-                scalar(mine.enqueue_bulk_per_s),
-                scalar(node.enqueue_bulk_per_s),
-                None,
-            )
-        cross = mine.pickup.get("cross_process")
+    bullmq = available(results, "corral-bullmq")
+    if bullmq is not None:
+        cross = bullmq.pickup.get("cross_process")
         if cross is not None:
             checks.append(
-                Check(
-                    "corral-bullmq idle pickup p99, across processes",
-                    f"{_fmt_ms(cross.p99_ms)} ms",
-                    "<= 10 ms",
-                    cross.p99_ms <= 10,
-                    {"": cross.p99_ms},
-                )
+                at_most_ms("corral-bullmq idle pickup p99, across processes", cross.p99_ms, 10)
             )
-    if py is not None and node is not None:
-        ratio_check(
-            "bullmq-py / bullmq-node processed", py.processed_per_s, node.processed_per_s, None
-        )
-    return checks
+    return [check for check in checks if check is not None]
+
+
+CORRAL = Suite(
+    systems={system.name: system for system in (CorralSystem("sqlite"), CorralSystem("bullmq"))},
+    checks=corral_checks,
+    packages=("redis", "hiredis", "bullmq"),
+)
+"""What ``corral bench`` measures: corral on each backend."""
 
 
 def _key(item: tuple[str, float]) -> int:
@@ -1339,11 +1246,12 @@ def markdown_report(report: dict[str, Any]) -> str:
     load = machine["load_avg_1m"]
     processes = int(report["plan"].get("worker_processes", 1))
     how = f" with {processes} worker processes per corral system" if processes > 1 else ""
+    node = f", Node {machine['node']}" if machine.get("node") else ""
     lines = [
         f"{report['date']}, {report['mode']} run{how} of {_revision_text(report)}, "
         f"{machine['cpus']} cores ({machine['cpu']}), "
         f"{machine['os']}, Python {machine['python']}, SQLite {machine['sqlite']}, "
-        f"Redis {machine['redis'] or '-'}, Node {machine['node'] or '-'}{_packages_text(machine)}; "
+        f"Redis {machine['redis'] or '-'}{node}{_packages_text(machine)}; "
         f"load average {load['before']} before, {load['after']} after; {report['duration_s']}s.",
         "",
         "| | " + " | ".join(results) + " |",
@@ -1396,8 +1304,8 @@ def checks_table(checks: Sequence[Check]) -> Table:
     return table
 
 
-def machine_info(env: Environment) -> dict[str, Any]:
-    """What the figures were measured on."""
+def machine_info(env: Environment, packages: Sequence[str]) -> dict[str, Any]:
+    """What the figures were measured on; ``packages``: the Python packages to name."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1412,73 +1320,38 @@ def machine_info(env: Environment) -> dict[str, Any]:
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "redis": env.redis_version,
-        "node": env.node,
-        "packages": {
-            name: _package_version(name) for name in ("redis", "hiredis", "bullmq", "huey")
-        },
+        "node": None,
+        "packages": {name: package_version(name) for name in packages},
     }
 
 
 def source_revision() -> dict[str, Any]:
-    """corral's version and, in a git checkout, its commit and whether ``src`` has edits."""
+    """corral's version and, when it runs from a git checkout, the commit and whether the
+    package's files have uncommitted edits."""
     found: dict[str, Any] = {"version": __version__, "commit": None, "dirty": None}
     git = shutil.which("git")
-    if git is None or not (_REPO_ROOT / ".git").exists():
+    package = Path(corral.__file__).resolve().parent
+    if git is None:
         return found
+
+    def ask(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [git, "-C", str(package), *args], capture_output=True, text=True, timeout=10
+        )
+
     try:
-        head = subprocess.run(
-            [git, "-C", str(_REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        status = subprocess.run(
-            [git, "-C", str(_REPO_ROOT), "status", "--porcelain", "--", "src"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        # Installed inside some other repository (a venv in a checkout) is not a checkout.
+        tracked = ask("ls-files", "--error-unmatch", "--", "__init__.py")
+        if tracked.returncode != 0:
+            return found
+        head = ask("rev-parse", "--short=12", "HEAD")
+        status = ask("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return found
     if head.returncode == 0:
         found["commit"] = head.stdout.strip()
         found["dirty"] = bool(status.stdout.strip())
     return found
-
-
-def _node_version() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return None
-    try:
-        done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def _node_bullmq_version(modules: Path | None) -> str | None:
-    if modules is None:
-        return None
-    try:
-        package = json.loads((modules / "node_modules" / "bullmq" / "package.json").read_text())
-    except (OSError, ValueError):
-        return None
-    version = package.get("version")
-    return str(version) if version else None
-
-
-def parse_systems(values: Sequence[str] | None) -> list[str]:
-    """``--systems a,b --systems c`` as a list in the canonical order; all when empty."""
-    if not values:
-        return list(SYSTEMS)
-    chosen = {part.strip() for value in values for part in value.split(",") if part.strip()}
-    unknown = sorted(chosen - set(SYSTEMS))
-    if unknown:
-        raise ConfigError(
-            f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}"
-        )
-    return [system for system in SYSTEMS if system in chosen]
 
 
 @contextlib.contextmanager
@@ -1491,48 +1364,47 @@ def _workdir() -> Iterator[Path]:
 
 
 def run_bench(
+    suite: Suite,
     *,
     quick: bool = False,
     systems: Sequence[str] | None = None,
     redis_url: str | None = None,
-    node_script: Path | None = None,
-    node_modules: Path | None = None,
     console: Console | None = None,
     processes: int = 1,
 ) -> dict[str, Any]:
-    """Run the benchmark and return the report (what ``--json`` writes). ``processes``: worker
-    processes of corral's systems in the processed phases (``corral worker --processes``)."""
+    """Run the benchmark of ``suite``'s ``systems`` (all by default) and return the report (what
+    ``--json`` writes). ``processes``: worker processes of the systems that have them
+    (corral's) in the processed phases, as ``corral worker --processes`` runs them."""
     plan = QUICK if quick else FULL
-    chosen = parse_systems(systems)
+    chosen = [suite.systems[name] for name in suite.parse_systems(systems)]
     console = console or Console(stderr=True)
     url = redis_url or DEFAULT_REDIS_URL
     started_at = datetime.now(UTC)
     began = time.monotonic()
     redis_version = redis_error = None
     started_redis = False
-    if REDIS_SYSTEMS & set(chosen):
+    if any(system.uses_redis for system in chosen):
         redis_version, redis_error, started_redis = ensure_redis(url)
-    script, modules = find_node(node_script, node_modules)
-    env = Environment(
-        redis_url=url,
-        redis_version=redis_version,
-        redis_error=redis_error,
-        node=_node_version() if "bullmq-node" in chosen else None,
-        node_script=script,
-        node_modules=modules,
-        node_bullmq=_node_bullmq_version(modules),
-    )
-    machine = machine_info(env)  # before the run: the load average says if the machine is idle
+    env = Environment(redis_url=url, redis_version=redis_version, redis_error=redis_error)
+    # Before the run: the load average says whether the machine was idle.
+    machine = machine_info(env, suite.packages)
+    for system in chosen:
+        machine.update(system.runtimes())
     revision = source_revision()
     results: dict[str, SystemResult] = {}
-    runnable: list[tuple[str, str]] = []
+    runnable: list[tuple[System, str]] = []
     for system in chosen:
-        version, reason = availability(system, env)
+        version: str | None
+        reason: str | None
+        if system.uses_redis and redis_error:
+            version, reason = None, redis_error
+        else:
+            version, reason = system.availability(env)
         if version is None:
-            results[system] = SystemResult(system, SYSTEMS[system], False, reason=reason)
+            results[system.name] = SystemResult(system.name, system.label, False, reason=reason)
         else:
             runnable.append((system, version))
-            results[system] = SystemResult(system, SYSTEMS[system], True, version=version)
+            results[system.name] = SystemResult(system.name, system.label, True, version=version)
     steps_per_system = 4 + len(plan.processed)
     progress = Progress(
         SpinnerColumn(),
@@ -1549,14 +1421,14 @@ def run_bench(
             bench = Bench(plan, env, workdir, progress, processes)
             try:
                 for system, version in runnable:
-                    results[system] = bench.run_system(system, version, task)
+                    results[system.name] = bench.run_system(system, version, task)
             finally:
                 bench.close()
     finally:
         if started_redis:
             with contextlib.suppress(Exception):
                 _redis_client(url).shutdown(nosave=True)
-    checks = build_checks(results)
+    checks = suite.checks(results)
     load_before = machine["load_avg_1m"]
     machine["load_avg_1m"] = {"before": load_before, "after": round(os.getloadavg()[0], 2)}
     return {
@@ -1601,11 +1473,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     results, plan = report_from_json(report)
     machine = report["machine"]
     load = machine["load_avg_1m"]
+    node = f"Node {machine['node']} · " if machine.get("node") else ""
     console.print(
         f"{report['date']} · {_revision_text(report)} · {machine['cpus']} cores "
         f"({machine['cpu']}) · Python "
         f"{machine['python']} · SQLite {machine['sqlite']} · Redis {machine['redis'] or '—'} · "
-        f"Node {machine['node'] or '—'} · {report['duration_s']}s · load average "
+        f"{node}{report['duration_s']}s · load average "
         f"{load['before']} before, {load['after']} after",
         markup=False,
         highlight=False,
@@ -1640,6 +1513,32 @@ def check_loopback(url: str) -> str:
     return url
 
 
+def bench_and_report(
+    suite: Suite,
+    *,
+    quick: bool,
+    systems: Sequence[str] | None,
+    redis_url: str,
+    processes: int,
+    json_path: Path | None,
+    markdown_path: Path | None,
+) -> bool:
+    """Run the benchmark, print its tables on stdout and write the files asked for; ``False``
+    if a phase failed. Raises ConfigError for an unknown system or a Redis elsewhere."""
+    chosen = suite.parse_systems(systems)
+    if any(suite.systems[name].uses_redis for name in chosen):
+        check_loopback(redis_url)
+    report = run_bench(suite, quick=quick, systems=chosen, redis_url=redis_url, processes=processes)
+    print_report(report, Console(highlight=False))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown_report(report), encoding="utf-8")
+    return not any(raw["errors"] for raw in report["systems"].values())
+
+
 def bench_command(
     ctx: typer.Context,
     quick: Annotated[
@@ -1651,7 +1550,8 @@ def bench_command(
             "--systems",
             "-s",
             metavar="NAMES",
-            help=f"Only these (comma-separated or repeated): {', '.join(SYSTEMS)} [default: all]",
+            help="Only these (comma-separated or repeated): "
+            "corral-sqlite, corral-bullmq [default: both]",
         ),
     ] = None,
     json_path: Annotated[
@@ -1677,35 +1577,23 @@ def bench_command(
         typer.Option(
             "--processes",
             min=1,
-            help="Worker processes of corral's systems in the processed phases, as "
-            "`corral worker --processes N` runs them (the others keep one)",
+            help="Worker processes in the processed phases, as "
+            "`corral worker --processes N` runs them",
         ),
     ] = 1,
 ) -> None:
-    """Benchmark corral on SQLite and BullMQ against bullmq, Node.js BullMQ and Huey."""
-    from corral.cli import CliState, corral_errors  # the command is registered by corral.cli
-
-    state = ctx.find_root().obj
-    overrides = state.overrides if isinstance(state, CliState) else {}
+    """Load-test corral on SQLite and on BullMQ: enqueue and job rates, pickup, memory."""
     with corral_errors():
-        chosen = parse_systems(systems)
-        url = (
-            redis_url
-            or QueueSettings(
-                **{key: overrides[key] for key in ("redis_url",) if key in overrides}
-            ).redis_url
+        ok = bench_and_report(
+            CORRAL,
+            quick=quick,
+            systems=systems,
+            redis_url=redis_url or cli_state(ctx).redis_url(),
+            processes=processes,
+            json_path=json_path,
+            markdown_path=markdown_path,
         )
-        if REDIS_SYSTEMS & set(chosen):
-            check_loopback(url)
-        report = run_bench(quick=quick, systems=chosen, redis_url=url, processes=processes)
-    print_report(report, Console(highlight=False))
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if markdown_path is not None:
-        markdown_path.parent.mkdir(parents=True, exist_ok=True)
-        markdown_path.write_text(markdown_report(report), encoding="utf-8")
-    if any(raw["errors"] for raw in report["systems"].values()):
+    if not ok:
         raise typer.Exit(1)
 
 

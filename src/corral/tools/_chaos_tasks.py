@@ -13,10 +13,10 @@ import asyncio
 import os
 import time
 
-from corral.chaos import JOB_NAME
 from corral.errors import UnrecoverableError
 from corral.message import QueueMessage
 from corral.service import QueueService
+from corral.tools.chaos import JOB_NAME
 
 service = QueueService()
 
