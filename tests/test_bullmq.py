@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -628,3 +629,27 @@ def test_the_tested_bullmq_package_is_installed() -> None:
     import bullmq
 
     assert bullmq.__version__ == "3.4.4", "corral is tested against bullmq==3.4.4"
+
+
+def test_a_worker_whose_password_is_refused_exits_with_one_clear_line(
+    scratch_redis: ScratchRedis, tmp_path: Path
+) -> None:
+    """Wrong credentials stay wrong: no retrying for ever, exit 1 with what to fix."""
+    port = scratch_redis("--requirepass", "right-password")
+    (tmp_path / "auth_tasks.py").write_text(
+        "from corral import QueueService\nsvc = QueueService()\n"
+    )
+    env = python_env(
+        QUEUE_BACKEND="bullmq",
+        QUEUE_REDIS_URL=f"redis://:wrong-password@{REDIS_HOST}:{port}/0",
+        QUEUE_NAME=unique_queue_name(),
+    )
+    done = subprocess.run(
+        [PYTHON, "-m", "corral.worker", "auth_tasks"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "refused the credentials" in line]
+    assert len(errors) >= 1 and "QUEUE_REDIS_URL" in errors[-1]
+    assert "wrong-password" not in done.stderr
+    assert "Traceback" not in done.stderr

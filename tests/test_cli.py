@@ -345,6 +345,11 @@ def test_check(corral: Corral, tmp_path: Path) -> None:
     unreachable = corral("--sqlite-path", str(tmp_path / "no" / "such" / "dir" / "q.db"), "check")
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith("error: ") and "Traceback" not in unreachable.stderr
+    # A mistyped path (or a volume that is not mounted) fails, and nothing is created there.
+    mistyped = tmp_path / "qeueu.db"
+    missing_db = corral("--sqlite-path", str(mistyped), "check")
+    assert missing_db.returncode == 1 and "no SQLite database at" in missing_db.stderr
+    assert list(tmp_path.glob("qeueu.db*")) == []
 
 
 def test_python_m_corral_worker_check(corral: Corral) -> None:

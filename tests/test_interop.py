@@ -13,6 +13,7 @@ import itertools
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,39 @@ async def test_corral_writes_the_options_a_node_producer_writes(
         raw.pop("timestamp")
     assert ours == theirs  # name, data (verbatim JSON), delay, priority
     assert delayed == {"from-corral", "from-node"}
+
+
+async def test_a_job_retried_from_bull_board_says_so(
+    make_settings: SettingsFactory, node_bullmq: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bull Board's retry keeps attemptsMade: attempt 3 of a job allowed 2 is shown as such,
+    not as "attempt 3/2"."""
+    settings = make_settings()
+    async with QueueService(settings) as service:
+
+        @service.handler("fails")
+        async def fails(message: QueueMessage) -> None:
+            raise RuntimeError(f"attempt {message.attempt}")
+
+        job_id = await service.enqueue("fails", None, attempts=2, backoff=Retry.fixed(0))
+        await run_worker_until(service, finished(service, 1))
+        await run_node("retry.mjs", node_args(settings, jobIds=[job_id]))
+        caplog.clear()
+        await run_worker_until(service, finished(service, 1))
+        job = await service.get_job(job_id)
+        assert job is not None and (job.state, job.attempts_made) == (JobState.FAILED, 3)
+        assert len(job.tracebacks) == 3
+    lines = [r.getMessage() for r in caplog.records if f"job {job_id} " in r.getMessage()]
+    assert any("attempt 3 (retried by hand; 2 allowed) failed for good" in line for line in lines)
+    assert not any("attempt 3/2" in line for line in lines)
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable, "-m", "corral", "--backend", "bullmq", "--queue", settings.name,
+            "--redis-url", settings.redis_url, "job", job_id,
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "3 (retried by hand; 2 allowed)" in shown.stdout
+    assert "traceback 3 of 3:" in shown.stdout

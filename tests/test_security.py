@@ -80,9 +80,14 @@ def test_reprs_hide_the_password(url: str, backend: str, tmp_path: Path) -> None
     service = QueueService(settings)
     shown = [repr(settings), str(settings), settings.redis_url_redacted, repr(service)]
     shown.append(repr(service.backend))  # builds the backend; no I/O yet
+    # Frameworks log settings by serializing them.
+    shown += [settings.model_dump_json(), str(settings.model_dump()), repr(settings.model_dump())]
+    shown.append(str(settings.model_dump(mode="json")))
     for text in shown:
         assert_no_secret(text, "a repr")
     assert "***" in settings.redis_url_redacted
+    # Only when asked for explicitly.
+    assert settings.model_dump(context={"reveal_secrets": True})["redis_url"] == url
 
 
 @pytest.mark.parametrize(
