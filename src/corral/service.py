@@ -383,6 +383,10 @@ class QueueService:
         """
         return await self.backend.remove(job_id)
 
+    async def promote(self, job_id: str) -> bool:
+        """Run a delayed job now rather than when it is due; ``False`` if it is not delayed."""
+        return await self.backend.promote(job_id)
+
     async def pause(self) -> None:
         """Stop every worker of this queue from starting jobs."""
         await self.backend.pause()

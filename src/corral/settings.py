@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -93,6 +94,7 @@ class QueueSettings(BaseSettings):
     names: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     _explicit: frozenset[str] = PrivateAttr(default=frozenset())
+    _identity: str = PrivateAttr(default="")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -101,6 +103,12 @@ class QueueSettings(BaseSettings):
             # `from None`: pydantic's own message echoes raw input, which may hold a password.
             raise ConfigError(_describe(exc)) from None
         self._explicit = frozenset(values)
+        self._identity = secrets.token_hex(8)
+
+    @property
+    def identity(self) -> str:
+        """Unique to these settings and their copies: names a private ``:memory:`` database."""
+        return self._identity
 
     def __eq__(self, other: object) -> bool:
         # The same values are the same settings, however they were given.

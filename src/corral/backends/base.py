@@ -139,6 +139,11 @@ class QueueBackend(ABC):
         """
 
     @abstractmethod
+    async def promote(self, job_id: str) -> bool:
+        """Make a delayed job due now (it waits in its priority's place); ``False`` if there is
+        no delayed job with that id."""
+
+    @abstractmethod
     async def pause(self) -> None:
         """Stop delivering jobs of this queue to every worker; enqueue keeps working."""
 

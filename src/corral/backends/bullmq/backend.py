@@ -243,6 +243,15 @@ class BullMQBackend(PullBackend):
             raise BackendError(f"BullMQ refused to remove job {job_id} (code {result})")
         return True
 
+    async def promote(self, job_id: str) -> bool:
+        with self.store.errors(f"promoting job {job_id}"):
+            await self.store.ready(self.queue_name)
+            code = await self.store.run(self.protocol.promote(self.queue_name, job_id))
+        if code == 0:
+            self._wake()
+            return True
+        return False
+
     async def pause(self) -> None:
         with self.store.errors("pausing the queue"):
             await self.store.ready(self.queue_name)

@@ -381,6 +381,12 @@ class Protocol:
         k = self.keys.of(queue)
         return ScriptCall("removeJob", [k[""] + job_id, k["repeat"]], [job_id, 0, k[""]])
 
+    def promote(self, queue: str, job_id: str) -> ScriptCall:
+        """A delayed job to waiting now; reply 0, or -3 if it is not delayed."""
+        k = self.keys.of(queue)
+        names = _names("delayed wait paused meta prioritized active pc events marker")
+        return ScriptCall("promote", [k[n] for n in names], [k[""], job_id])
+
     def pause(self, queue: str, paused: bool) -> ScriptCall:
         k = self.keys.of(queue)
         source, target = ("wait", "paused") if paused else ("paused", "wait")

@@ -52,6 +52,7 @@ class SQLiteBackend(PullBackend):
             settings.sqlite_path,
             synchronous=settings.sqlite_synchronous,
             poll_interval_s=settings.poll_interval_s,
+            memory_name=settings.identity,
         )
 
     def __repr__(self) -> str:
@@ -180,6 +181,23 @@ class SQLiteBackend(PullBackend):
             return True
 
         return await self.db.write(delete)
+
+    async def promote(self, job_id: str) -> bool:
+        where, params = self._id_clause(job_id)
+        now = now_ms()
+
+        def promote(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                f"UPDATE jobs SET state = 'waiting', run_at = ? WHERE {where} "
+                "AND state = 'delayed'",
+                (now, *params),
+            )
+            return cursor.rowcount == 1
+
+        promoted = await self.db.write(promote)
+        if promoted:
+            self.db.notify(self.queue_name)
+        return promoted
 
     async def pause(self) -> None:
         await self._set_paused(True)

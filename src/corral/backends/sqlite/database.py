@@ -58,9 +58,19 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
 class Database:
     """The connection to one SQLite file, shared by every queue a process uses on it."""
 
-    def __init__(self, path: str, *, synchronous: str = "normal", poll_interval_s: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "normal",
+        poll_interval_s: float,
+        memory_name: str = "",
+    ) -> None:
         self.path = path
-        self.key = path if path == ":memory:" else os.path.realpath(path)
+        # ":memory:" is private to the settings that name it (and their copies), not shared by
+        # every service of the process: tests must not see each other's jobs.
+        self.memory_uri = f"file:corral-{os.getpid()}-{memory_name}?mode=memory&cache=shared"
+        self.key = self.memory_uri if path == ":memory:" else os.path.realpath(path)
         self.synchronous = synchronous
         self.poll_interval_s = poll_interval_s
         self._conn: sqlite3.Connection | None = None
@@ -83,7 +93,7 @@ class Database:
             if path == ":memory:":
                 # A named shared in-memory database, so the sync helper's connection sees it too.
                 conn = sqlite3.connect(
-                    f"file:corral-{os.getpid()}?mode=memory&cache=shared",
+                    self.memory_uri,
                     uri=True,
                     isolation_level=None,
                     check_same_thread=False,
