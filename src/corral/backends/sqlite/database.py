@@ -1,9 +1,11 @@
 """One SQLite file: its connection, transactions retried on the write lock, change wake-ups.
 
 - WAL mode, so readers never block the single writer; every write is one short transaction.
-  A write that finds the database locked by another process is retried without blocking the
-  event loop (a short C-level busy timeout, then an asyncio back-off), so "database is locked"
-  never reaches a caller unless the lock is held for longer than ``LOCK_GIVE_UP_S``.
+  Nothing waits on the event loop: a write that finds the database locked by another process
+  is retried with an asyncio back-off (the connection has no C-level busy wait), so "database
+  is locked" never reaches a caller unless the lock is held for longer than ``LOCK_GIVE_UP_S``;
+  WAL checkpoints (which write the database file and sync it) run in a thread of their own;
+  with ``synchronous = FULL`` every commit waits for the disk, so writes run in a thread.
 - ``PRAGMA data_version`` tells an idle worker that another process committed; one poll per
   file and process serves every queue waiting on it. In the same process, a commit wakes the
   waiters of its queue at once.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import sqlite3
@@ -31,8 +34,10 @@ from corral.errors import BackendConnectionError, BackendError
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT_MS = 20
 LOCK_GIVE_UP_S = 60.0
+CHECKPOINT_WAL_BYTES = 4 << 20
+"""A WAL past this size is checkpointed (SQLite's own default is 1,000 pages)."""
+_CHECK_WAL_EVERY = 64  # commits between two looks at the WAL's size
 
 
 class Waiter(Protocol):
@@ -75,6 +80,10 @@ class Database:
         self.poll_interval_s = poll_interval_s
         self._conn: sqlite3.Connection | None = None
         self._watch: _Watch | None = None
+        self._commits = 0
+        self._checkpoint: threading.Thread | None = None
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer_conn: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
         return f"<Database {self.path!r}>"
@@ -87,7 +96,7 @@ class Database:
             self._conn = self._open()
         return self._conn
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, *, busy_timeout_ms: int = 0) -> sqlite3.Connection:
         path = self.path
         try:
             if path == ":memory:":
@@ -100,7 +109,9 @@ class Database:
                 )
             else:
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _after_commit
+            conn.execute(f"PRAGMA journal_size_limit = {CHECKPOINT_WAL_BYTES // 4}")
             if path != ":memory:":
                 mode = _retry_sync(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
                 if mode is None or str(mode[0]).lower() != "wal":
@@ -122,14 +133,44 @@ class Database:
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.submit(self._close_writer_conn)
+            writer.shutdown(wait=True)
+
+    def _close_writer_conn(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _after_commit(self) -> None:
+        """Checkpoint the WAL in a thread once it grows: automatic checkpoints would run in
+        whichever commit crosses the threshold, on the event loop."""
+        self._commits += 1
+        if self._commits % _CHECK_WAL_EVERY or self.path == ":memory:":
+            return
+        if self._checkpoint is not None and self._checkpoint.is_alive():
+            return
+        try:
+            size = os.stat(self.path + "-wal").st_size
+        except OSError:
+            return
+        if size >= CHECKPOINT_WAL_BYTES:
+            self._checkpoint = threading.Thread(
+                target=_checkpoint, args=(self.path,), name="corral-checkpoint", daemon=True
+            )
+            self._checkpoint.start()
 
     # -- statements ------------------------------------------------------------------------
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction, retrying while another process
         holds the write lock. Either all of ``fn``'s writes commit or none do."""
+        if self.synchronous == "full":
+            return await self._write_in_thread(fn)
         conn = self.conn
-        pause = 0.001
+        pause = _FIRST_PAUSE_S
         deadline = time.monotonic() + LOCK_GIVE_UP_S
         while True:
             try:
@@ -143,47 +184,94 @@ class Database:
                         f"{LOCK_GIVE_UP_S:.0f}s by another process"
                     ) from exc
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = _next_pause(pause)
                 continue
             except sqlite3.DatabaseError as exc:
                 raise wrap_error(self.path, exc) from exc
             try:
                 result = fn(conn)
                 conn.execute("COMMIT")
-                return result
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
                     await asyncio.sleep(pause)
-                    pause = min(pause * 2, 0.05)
+                    pause = _next_pause(pause)
                     continue
                 if isinstance(exc, sqlite3.DatabaseError):
                     raise wrap_error(self.path, exc) from exc
                 raise
+            self._after_commit()
+            return result
+
+    async def _write_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``write`` for ``synchronous = FULL``: the transaction (and the wait for the lock, and
+        the commit's sync to disk) runs on a thread of its own, with a connection of its own."""
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, "corral-sqlite-writer")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._transaction, fn)
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer_conn is None:
+            self._writer_conn = self._open(busy_timeout_ms=round(LOCK_GIVE_UP_S * 1000))
+        conn = self._writer_conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc):
+                raise BackendError(
+                    f"SQLite database {self.path!r} stayed locked for "
+                    f"{LOCK_GIVE_UP_S:.0f}s by another process"
+                ) from exc
+            raise wrap_error(self.path, exc) from exc
+        except sqlite3.DatabaseError as exc:
+            raise wrap_error(self.path, exc) from exc
+        self._after_commit()
+        return result
 
     async def statement(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """Run one statement in its own implicit transaction (cheaper than BEGIN/COMMIT),
         retrying while another process holds the write lock."""
+        if self.synchronous == "full":
+            return await self._write_in_thread(lambda conn: conn.execute(sql, params).fetchall())
         conn = self.conn
-        pause = 0.001
+        pause = _FIRST_PAUSE_S
         deadline = time.monotonic() + LOCK_GIVE_UP_S
         while True:
             try:
-                return conn.execute(sql, params).fetchall()
+                rows = conn.execute(sql, params).fetchall()
+                self._after_commit()
+                return rows
             except sqlite3.OperationalError as exc:
                 if not _is_locked(exc) or time.monotonic() > deadline:
                     raise wrap_error(self.path, exc) from exc
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.05)
+                pause = _next_pause(pause)
             except sqlite3.DatabaseError as exc:
                 raise wrap_error(self.path, exc) from exc
 
     def read(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        try:
-            return self.conn.execute(sql, tuple(params)).fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise wrap_error(self.path, exc) from exc
+        """A read: in WAL mode it never waits for writers (a rare busy reply while another
+        connection recovers the WAL is retried briefly)."""
+        values = tuple(params)
+        for attempt in range(_READ_TRIES):
+            try:
+                return self.conn.execute(sql, values).fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc) or attempt == _READ_TRIES - 1:
+                    raise wrap_error(self.path, exc) from exc
+                time.sleep(0.001)
+            except sqlite3.DatabaseError as exc:
+                raise wrap_error(self.path, exc) from exc
+        raise AssertionError("unreachable")
 
     # -- wake-ups --------------------------------------------------------------------------
 
@@ -255,6 +343,36 @@ class _Watch:
                 self.version = version
                 event, self.event = self.event, asyncio.Event()
                 event.set()
+
+
+_READ_TRIES = 20
+_FIRST_PAUSE_S = 0.0005
+
+
+def _next_pause(pause: float) -> float:
+    """Waits for the write lock: short while it is likely to free soon (another process's
+    commit, a checkpoint), growing to 50 ms for a long hold."""
+    return min(pause * 1.5, 0.05)
+
+
+def _checkpoint(path: str) -> None:
+    """Copy the WAL's pages into the database file, on a connection of its own.
+
+    First PASSIVE, which holds up nobody and copies the bulk. Under a steady load the frames
+    written meanwhile are left over, and the WAL only starts over once all of it is copied, so
+    then RESTART copies the rest holding writers off for that short moment (they retry without
+    blocking their loops); the next commit starts the WAL over and truncates it
+    (``journal_size_limit``)."""
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout = 2000")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # the next commit past the threshold tries again
+        pass
 
 
 def _retry_sync(fn: Callable[[], T]) -> T:
