@@ -1,0 +1,167 @@
+"""The BullMQ protocol module against the package it was checked with: every call corral builds
+has the KEYS its script declares, and where the package builds the same call, the same KEYS
+and ARGV. A bullmq upgrade that moves a key or an argument fails here first."""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+import bullmq
+import msgpack  # type: ignore[import-untyped]
+import pytest
+import redis.asyncio as aioredis
+from bullmq.redis_connection import RedisConnection
+from bullmq.scripts import Scripts
+
+from corral.backends.bullmq.protocol import (
+    LIB_VERSION,
+    SCRIPT_FILES,
+    Protocol,
+    ScriptCall,
+    declared_key_count,
+    parse_next_job,
+    script_source,
+)
+from corral.message import NewJob
+from corral.retry import Retry
+
+CHECKED_WITH = "3.4.4"
+PREFIX, QUEUE = "{bull}", "q"
+
+
+def test_the_package_is_the_one_this_module_was_checked_with() -> None:
+    assert bullmq.__version__ == CHECKED_WITH
+    assert f"bullmq:{CHECKED_WITH}" == LIB_VERSION
+
+
+def test_every_script_corral_names_ships_with_the_package() -> None:
+    for name in SCRIPT_FILES:
+        assert script_source(name).strip(), name
+
+
+def calls() -> list[ScriptCall]:
+    protocol = Protocol(PREFIX)
+    job = NewJob("n", "{}", job_id="a", attempts=2, backoff=Retry.fixed(1))
+    opts = protocol.job_opts(job, keep_completed=10, keep_failed=None)
+    fields = {"failedReason": "x", "stacktrace": "[]"}
+    finish: dict[str, Any] = {
+        "value": "1",
+        "now": 1,
+        "job_opts": opts,
+        "keep": {"count": 1},
+        "limiter": None,
+        "lock_ms": 30_000,
+        "fetch_next": True,
+    }
+    return [
+        protocol.add_job(QUEUE, job, opts, 1),
+        protocol.add_job(QUEUE, NewJob("n", "{}", delay_ms=5), {}, 1),
+        protocol.add_job(QUEUE, NewJob("n", "{}", priority=3), {}, 1),
+        protocol.move_to_active(QUEUE, "t", 1, 30_000, None),
+        protocol.move_to_finished(QUEUE, "a", "t", target="completed", **finish),
+        protocol.move_to_finished(QUEUE, "a", "t", target="failed", fields=fields, **finish),
+        protocol.move_to_delayed(QUEUE, "a", "t", now=1, delay_ms=5, fields=fields),
+        protocol.retry_job(QUEUE, "a", "t", now=1, lifo=False, fields=fields),
+        protocol.release(QUEUE, "a", "t"),
+        protocol.extend_locks(QUEUE, ["a"], ["t"], 30_000),
+        protocol.move_stalled(QUEUE, 1, 30_000, 1),
+        protocol.update_progress(QUEUE, "a", "50"),
+        protocol.add_log(QUEUE, "a", "line", None),
+        protocol.get_state(QUEUE, "a"),
+        protocol.get_counts(QUEUE),
+        protocol.reprocess_failed(QUEUE, "a"),
+        protocol.remove_job(QUEUE, "a"),
+        protocol.promote(QUEUE, "a"),
+        protocol.pause(QUEUE, True),
+        protocol.pause(QUEUE, False),
+        protocol.clean_set(QUEUE, "completed", 1),
+    ]
+
+
+@pytest.mark.parametrize("call", calls(), ids=lambda call: call.script)
+def test_each_call_has_the_keys_its_script_declares(call: ScriptCall) -> None:
+    assert len(call.keys) == declared_key_count(call.script)
+    assert all(key.startswith(f"{PREFIX}:{QUEUE}:") for key in call.keys)
+
+
+def test_every_builder_is_covered() -> None:
+    builders = {
+        name
+        for name, member in inspect.getmembers(Protocol, inspect.isfunction)
+        if not name.startswith("_") and name != "job_opts"
+    }
+    covered = {
+        "add_job", "move_to_active", "move_to_finished", "move_to_delayed", "retry_job",
+        "release", "extend_locks", "move_stalled", "update_progress", "add_log", "get_state",
+        "get_counts", "reprocess_failed", "remove_job", "promote", "pause", "clean_set",
+    }  # fmt: skip
+    assert builders == covered, "a new builder needs a case in calls()"
+
+
+@pytest.fixture
+def package_scripts() -> Scripts:
+    """The package's own argument builders (no connection is made)."""
+    return Scripts(PREFIX, QUEUE, RedisConnection(aioredis.Redis()))
+
+
+def test_retry_and_delay_match_the_package(package_scripts: Scripts) -> None:
+    protocol = Protocol(PREFIX)
+    fields = {"failedReason": "boom", "stacktrace": '["t"]'}
+    ours = protocol.retry_job(QUEUE, "7", "tok", now=123, lifo=True, fields=fields)
+    keys, args = package_scripts.retryJobArgs("7", True, "tok", {"fieldsToUpdate": fields})
+    assert ours.keys == keys
+    assert [ours.args[0], *ours.args[2:]] == [args[0], *args[2:]]  # args[1]: the clock
+
+    ours = protocol.move_to_delayed(QUEUE, "7", "tok", now=123, delay_ms=500, fields=fields)
+    keys, args = package_scripts.moveToDelayedArgs("7", 123, "tok", 500, {"fieldsToUpdate": fields})
+    assert (ours.keys, ours.args) == (keys, args)
+
+
+def test_finishing_matches_the_package(package_scripts: Scripts) -> None:
+    protocol = Protocol(PREFIX)
+    # What moveToFinishedArgs reads of a job and its queue.
+    job = SimpleNamespace(
+        id="7",
+        attempts=3,
+        attemptsMade=0,
+        opts={"attempts": 3},
+        queue=SimpleNamespace(opts={"lockDuration": 30_000, "limiter": None}),
+    )
+    keys, args = package_scripts.moveToFinishedArgs(
+        job, "1", "returnvalue", 5, "completed", "tok", fetchNext=True
+    )
+    ours = protocol.move_to_finished(
+        QUEUE,
+        "7",
+        "tok",
+        target="completed",
+        value='"1"',
+        now=args[1],
+        job_opts={"attempts": 3},
+        keep={"count": 5},
+        limiter=None,
+        lock_ms=30_000,
+        fetch_next=True,
+    )
+    assert ours.keys == keys
+    assert ours.args[:3] == args[:3] and ours.args[3:5] == [args[3], args[4]]
+    assert ours.args[6] == args[6]
+    theirs = msgpack.unpackb(args[7])
+    mine = msgpack.unpackb(ours.args[7])
+    for name in ("token", "keepJobs", "limiter", "lockDuration", "attempts"):
+        assert mine[name] == theirs[name], name
+
+
+def test_next_job_replies_are_read_as_the_package_reads_them() -> None:
+    reply = [["name", "n", "data", "{}"], "7", 0, 0]
+    found = parse_next_job(reply)
+    assert (found.raw, found.job_id, found.limit_ms, found.delay_until_ms) == (
+        {"name": "n", "data": "{}"},
+        "7",
+        0,
+        0,
+    )
+    assert parse_next_job([0, 0, 250, 0]).limit_ms == 250
+    assert parse_next_job([0, 0, 0, "1700000000123"]).delay_until_ms == 1700000000123
