@@ -109,6 +109,9 @@ class Plan:
     idle_in_process_samples: int
     idle_gap_ms: tuple[int, int]
     max_phase_s: float
+    under_load_jobs: int = 2_000
+    """Jobs enqueued one by one by ``under_load_tasks`` tasks while a worker drains them."""
+    under_load_tasks: int = 8
 
 
 FULL = Plan(
@@ -123,6 +126,7 @@ FULL = Plan(
     idle_in_process_samples=50,
     idle_gap_ms=(20, 100),
     max_phase_s=120.0,
+    under_load_jobs=10_000,
 )
 
 QUICK = Plan(
@@ -137,6 +141,7 @@ QUICK = Plan(
     idle_in_process_samples=8,
     idle_gap_ms=(10, 40),
     max_phase_s=20.0,
+    under_load_jobs=500,
 )
 
 
@@ -180,6 +185,11 @@ class SystemResult:
     pickup: dict[str, Pickup] = field(default_factory=dict)
     """``cross_process`` and ``in_process``."""
     rss: Memory | None = None
+    enqueue_under_load_per_s: float | None = None
+    """Enqueues one by one from several tasks of one event loop while a worker drains them."""
+    loop_lag: Pickup | None = None
+    """How late the producer's event loop ran a 1 ms timer meanwhile (ms): what a web app
+    enqueueing from its request handlers loses."""
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     phase_s: dict[str, float] = field(default_factory=dict)
@@ -395,6 +405,11 @@ async def role_producer(make_client: ClientFactory, redis_url: str) -> None:
                             await client.enqueue_one({"i": i})
                     elapsed_s = time.perf_counter() - started
                     answer: Data = {"ok": True, "count": count, "elapsed_s": elapsed_s}
+                elif op == "enqueue_under_load":
+                    client = await client_for(command)
+                    answer = await _enqueue_watching_the_loop(
+                        client, int(command["count"]), int(command["tasks"])
+                    )
                 elif op == "probe":
                     client = await client_for(command)
                     await client.enqueue_one({"t0_us": now_us()})
@@ -415,6 +430,43 @@ async def role_producer(make_client: ClientFactory, redis_url: str) -> None:
         for client in clients.values():
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+async def _enqueue_watching_the_loop(client: Client, count: int, tasks: int) -> Data:
+    """Enqueue ``count`` jobs one by one from ``tasks`` tasks, as request handlers of a web app
+    do, while a timer measures how late the event loop runs it."""
+    lags_ms: list[float] = []
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags_ms.append(max(0.0, (time.perf_counter() - before - 0.001) * 1000))
+
+    async def produce(first: int) -> None:
+        for i in range(first, count - 1, tasks):
+            await client.enqueue_one({"i": i})
+            # A request handler returns to the loop after its enqueue (to write its response):
+            # what is measured is how long one enqueue holds the loop, not a loop that never
+            # lets go.
+            await asyncio.sleep(0)
+
+    await client.enqueue_one({"i": -1})  # connected first: opening is not what is measured
+    watcher = asyncio.create_task(watch())
+    started = time.perf_counter()
+    await asyncio.gather(*(produce(n) for n in range(tasks)))
+    elapsed_s = time.perf_counter() - started
+    done.set()
+    await watcher
+    lags_ms.sort()
+    return {
+        "ok": True,
+        "count": count,
+        "elapsed_s": elapsed_s,
+        "lag_ms": [percentile(lags_ms, 0.5), percentile(lags_ms, 0.99), lags_ms[-1]],
+        "samples": len(lags_ms),
+    }
 
 
 async def role_work(
@@ -898,6 +950,7 @@ class Bench:
                     ),
                 )
             )
+        phases.append(("enqueue under load", lambda p: self._enqueue_under_load(system, p, result)))
         phases.append(("idle pickup across processes", lambda p: self._pickup(system, p, result)))
         phases.append(("idle pickup in process", lambda p: self._pickup_in_process(system, result)))
         producer = self.spawn(system, "producer")
@@ -1045,6 +1098,47 @@ class Bench:
     def _gap_s(self) -> float:
         low, high = self.plan.idle_gap_ms
         return random.uniform(low, high) / 1000
+
+    def _enqueue_under_load(self, system: System, producer: _Child, result: SystemResult) -> None:
+        """Enqueue one by one from several tasks while a worker process drains the queue, and
+        measure the producer's event-loop lag meanwhile."""
+        plan = self.plan
+        count = plan.under_load_jobs
+        where = self.place(system, "load")
+        worker = self.spawn(
+            system,
+            "work",
+            **where,
+            count=count,
+            concurrency=10,
+            max_s=plan.max_phase_s,
+            warm=min(plan.warm_jobs, count // 2),
+        )
+        try:
+            answer = producer.call(
+                {
+                    "op": "enqueue_under_load",
+                    **where,
+                    "count": count,
+                    "tasks": plan.under_load_tasks,
+                },
+                self._enqueue_timeout(count),
+            )
+            drained = worker.receive(plan.max_phase_s + 60)
+        finally:
+            worker.finish()
+            with contextlib.suppress(BenchError):
+                producer.call({"op": "close", **where}, 30)
+            self.discard(system, where)
+        if not answer.get("ok"):
+            raise BenchError(str(answer.get("error")))
+        if not drained.get("ok") or drained.get("timed_out"):
+            result.notes.append(
+                f"enqueue under load: the worker drained {drained.get('jobs')} jobs"
+            )
+        result.enqueue_under_load_per_s = round(count / float(answer["elapsed_s"]), 1)
+        p50, p99, worst = (round(float(v), 2) for v in answer["lag_ms"])
+        result.loop_lag = Pickup(int(answer["samples"]), p50, p99, worst)
 
     def _pickup(self, system: System, producer: _Child, result: SystemResult) -> None:
         plan = self.plan
@@ -1199,6 +1293,22 @@ def figure_rows(results: dict[str, SystemResult], plan: Plan) -> list[tuple[str,
     ]
     for c in plan.processed:
         rows.append((f"processed /s c={c}", functools.partial(_fmt_processed, c)))
+    rows.append(
+        (
+            f"enqueue 1 by 1 /s, {plan.under_load_tasks} tasks, worker draining",
+            lambda r: _fmt_rate(r.enqueue_under_load_per_s),
+        )
+    )
+    rows.append(
+        (
+            "producer loop lag p99 / max ms",
+            lambda r: (
+                f"{_fmt_ms(r.loop_lag.p99_ms)} / {_fmt_ms(r.loop_lag.max_ms)}"
+                if r.loop_lag
+                else "—"
+            ),
+        )
+    )
     for kind, where in (("cross_process", "x-process"), ("in_process", "in-process")):
         rows.append((f"pickup p50 ms {where}", functools.partial(_fmt_pickup, kind, "p50")))
         rows.append((f"pickup p99 ms {where}", functools.partial(_fmt_pickup, kind, "p99")))
@@ -1464,6 +1574,7 @@ def report_from_json(report: dict[str, Any]) -> tuple[dict[str, SystemResult], P
         values = dict(raw)
         values["pickup"] = {k: Pickup(**v) for k, v in (values.get("pickup") or {}).items()}
         values["rss"] = Memory(**values["rss"]) if values.get("rss") else None
+        values["loop_lag"] = Pickup(**values["loop_lag"]) if values.get("loop_lag") else None
         results[name] = SystemResult(**values)
     return results, plan
 
