@@ -35,11 +35,11 @@ def run_command(command: list[str], timeout_s: float) -> subprocess.CompletedPro
     )
 
 
-def run_corral(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def run_corral(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
     return run_command([PYTHON, "-m", "corral", *args], timeout_s)
 
 
-def run_compare(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def run_compare(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
     return run_command([PYTHON, str(COMPARE_SCRIPT), *args], timeout_s)
 
 
@@ -82,7 +82,12 @@ def assert_figures(result: dict[str, Any], plan: dict[str, Any]) -> None:
     assert rss["jobs"] == plan["processed"][str(plan["rss_concurrency"])], name
     assert min(rss["start_kb"], rss["warm_kb"], rss["end_kb"]) > 0, name
     assert rss["peak_kb"] >= rss["end_kb"], name
-    assert len(result["phase_s"]) == 4 + len(plan["processed"]), name
+    corral = name.startswith("corral-")
+    assert len(result["phase_s"]) == 4 + corral + len(plan["processed"]), name
+    if corral:  # the phase that enqueues while a worker drains
+        assert result["enqueue_under_load_per_s"] > 0, name
+        lag = result["loop_lag"]
+        assert lag["samples"] > 0 and 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"], name
 
 
 def assert_report(report: dict[str, Any], systems: list[str]) -> None:
