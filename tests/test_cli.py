@@ -422,3 +422,12 @@ def test_demo_runs_and_drains_its_batch(corral: Corral) -> None:
     assert re.search(r"failed\s*│\s*1\s*│", result.stdout), result.stdout
     assert "retried: 9 send_email completed on attempt 2" in result.stdout
     assert "order-1002 charge_card: UnrecoverableError" in result.stdout
+
+
+def test_promote_runs_a_delayed_job_now(corral: Corral) -> None:
+    job_id = corral.ok("enqueue", "later", "1", "--delay-s", "3600").strip()
+    now = corral.ok("enqueue", "now", "2").strip()
+    assert "promoted job" in corral.ok("promote", job_id)
+    listed = json.loads(corral.ok("jobs", "--state", "waiting", "--json"))
+    assert [job["id"] for job in listed] == [now, job_id]
+    assert "no delayed job" in one_line_error(corral("promote", job_id))

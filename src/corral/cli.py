@@ -399,6 +399,21 @@ def remove(
 
 
 @app.command()
+def promote(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The delayed job's id")],
+) -> None:
+    """Run a delayed job now instead of when it is due."""
+
+    async def call(service: QueueService) -> bool:
+        return await service.promote(job_id)
+
+    if not run(ctx, call):
+        fail(f"no delayed job with id {job_id!r} in {_where(_state(ctx).settings())}")
+    out.print(f"promoted job {job_id}", markup=False)
+
+
+@app.command()
 def pause(ctx: typer.Context) -> None:
     """Stop every worker of the queue from starting jobs (enqueueing still works)."""
 
