@@ -53,14 +53,25 @@ class QueueBackend(ABC):
         """The queue this backend serves."""
         return self.settings.name
 
-    @abstractmethod
     def for_queue(self, name: str, settings: QueueSettings | None = None) -> QueueBackend:
         """A backend of queue ``name`` on the same storage, sharing this one's connection.
 
         ``settings`` (for that queue: its lease, dead letter, limits) default to this backend's
         with the name changed; they must name the same storage. The new backend lives as long
         as this one: closing it alone releases nothing shared.
+
+        Raises:
+            ConfigError: ``name`` is not a usable queue name.
         """
+        if settings is None:
+            if name == self.queue_name:
+                return self
+            settings = self.settings.with_name(name)
+        return self._sibling(settings)
+
+    @abstractmethod
+    def _sibling(self, settings: QueueSettings) -> QueueBackend:
+        """A backend with ``settings`` (another queue) on this one's connection."""
 
     # -- producing -------------------------------------------------------------------------
 
@@ -229,8 +240,10 @@ class PullSource(ABC, Generic[H]):
 class PullBackend(QueueBackend):
     """A backend that delivers through :class:`PullSource` objects and the shared worker loop."""
 
-    @abstractmethod
-    def for_queue(self, name: str, settings: QueueSettings | None = None) -> PullBackend: ...
+    def for_queue(self, name: str, settings: QueueSettings | None = None) -> PullBackend:
+        backend = super().for_queue(name, settings)
+        assert isinstance(backend, PullBackend)
+        return backend
 
     @abstractmethod
     def open_source(self, *, stop: asyncio.Event, burst: bool) -> PullSource[Any]:

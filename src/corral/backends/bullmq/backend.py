@@ -55,11 +55,7 @@ class BullMQBackend(PullBackend):
             f"at {self.store.where}>"
         )
 
-    def for_queue(self, name: str, settings: QueueSettings | None = None) -> BullMQBackend:
-        if settings is None:
-            if name == self.queue_name:
-                return self
-            settings = self.settings.model_copy(update={"name": name})
+    def _sibling(self, settings: QueueSettings) -> BullMQBackend:
         return BullMQBackend(settings, store=self.store)
 
     def _job_key(self, job_id: str) -> str:

@@ -58,11 +58,7 @@ class SQLiteBackend(PullBackend):
     def __repr__(self) -> str:
         return f"<SQLiteBackend {self.db.path!r} queue={self.queue_name!r}>"
 
-    def for_queue(self, name: str, settings: QueueSettings | None = None) -> SQLiteBackend:
-        if settings is None:
-            if name == self.queue_name:
-                return self
-            settings = self.settings.model_copy(update={"name": name})
+    def _sibling(self, settings: QueueSettings) -> SQLiteBackend:
         return SQLiteBackend(settings, db=self.db)
 
     # -- producing -------------------------------------------------------------------------
