@@ -180,3 +180,47 @@ class JobInfo:
     """Every failed attempt's stack trace, oldest first (BullMQ's ``stacktrace`` list)."""
     progress: JSON = 0
     logs: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job as :meth:`QueueBackend.export_jobs` reads it: everything needed to recreate it in
+    another queue or on another backend (:meth:`QueueBackend.import_jobs`).
+
+    Times are milliseconds since the epoch. ``data_json`` is the payload's JSON exactly as
+    stored, so a copy carries the same text.
+    """
+
+    id: str
+    name: str
+    data_json: str
+    state: JobState
+    """``waiting``, ``delayed`` or ``failed``: the states a job can be moved in."""
+    priority: int
+    max_attempts: int
+    attempts_made: int
+    backoff: Retry | None
+    enqueued_at_ms: int
+    run_at_ms: int | None = None
+    """When a delayed job is due (absolute, so the delay left is kept however long a move
+    takes); ``None`` for other states."""
+    finished_at_ms: int | None = None
+    """When a failed job failed."""
+    error: str | None = None
+    """The last failed attempt's error (failed jobs, and jobs waiting for a retry)."""
+    tracebacks: list[str] = field(default_factory=list)
+    progress_json: str | None = None
+    logs: list[str] = field(default_factory=list)
+
+
+class ImportOutcome(enum.StrEnum):
+    """What :meth:`QueueBackend.import_jobs` did with one record."""
+
+    CREATED = "created"
+    """The job was written."""
+    PRESENT = "present"
+    """A job with that id was already there with the same name and data (an earlier copy, e.g.
+    of an interrupted move); nothing was written."""
+    CONFLICT = "conflict"
+    """The id is taken by a different job (another name or data, or, for a queue-assigned
+    number on SQLite, a job of another queue in the same file); nothing was written."""

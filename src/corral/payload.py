@@ -121,6 +121,19 @@ def decode_lenient(text: str | None) -> Any:
         return text
 
 
+def same_json(a: str | None, b: str | None) -> bool:
+    """Whether two stored JSON texts hold the same value (equal texts, or equal once decoded:
+    backends may store the same payload with other spacing)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    try:
+        return bool(decode_json(a) == decode_json(b))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 _SCALARS = (str, int, float, type(None))
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
@@ -16,6 +16,9 @@ from corral.jobs import check_attempts, check_name, new_job
 from corral.message import JobInfo, JobState, NewJob, Outcome, QueueMessage
 from corral.retry import Retry
 from corral.settings import QueueSettings
+
+if TYPE_CHECKING:
+    from corral.move import MoveReport
 
 logger = logging.getLogger("corral.worker")
 
@@ -402,6 +405,50 @@ class QueueService:
     async def purge(self) -> int:
         """Delete every job that is not active; return how many."""
         return await self.backend.purge()
+
+    # -- moving ---------------------------------------------------------------------------
+
+    async def move_to(
+        self,
+        target: QueueSettings | QueueService,
+        *,
+        to_queue: str | None = None,
+        states: str | Sequence[str | JobState] | None = None,
+        dry_run: bool = False,
+        batch_size: int = 500,
+        progress: Callable[[int], None] | None = None,
+    ) -> MoveReport:
+        """Move this queue's waiting, delayed and failed jobs to ``target`` (other settings: a
+        backend, storage or queue name; ``to_queue`` renames the queue there).
+
+        Jobs keep their ids, data, options, attempts made, due time, priority, errors and
+        tracebacks, progress and logs. Each job is deleted here only once the target has it; a
+        re-run after an interruption neither loses nor duplicates jobs; active jobs are skipped
+        and counted. See :mod:`corral.move` for the guarantees in full.
+
+        Raises:
+            ConfigError: a state that cannot move, or the target is this queue itself.
+        """
+        from corral.move import move_jobs, parse_states
+
+        chosen = parse_states(states)
+        owned = not isinstance(target, QueueService)
+        other = QueueService(target) if isinstance(target, QueueSettings) else target
+        try:
+            backend = other.backend
+            if to_queue is not None:
+                backend = backend.for_queue(to_queue, other.settings.with_name(to_queue))
+            return await move_jobs(
+                self.backend,
+                backend,
+                states=chosen,
+                dry_run=dry_run,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        finally:
+            if owned:
+                await other.close()
 
     async def close(self) -> None:
         """Close the backend and the background loop of the ``*_sync`` calls."""

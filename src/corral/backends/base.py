@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from corral.backends._consume import consume
-from corral.message import Dispatch, JobInfo, JobState, NewJob, Outcome, QueueMessage
+from corral.message import (
+    Dispatch,
+    ImportOutcome,
+    JobInfo,
+    JobRecord,
+    JobState,
+    NewJob,
+    Outcome,
+    QueueMessage,
+)
 from corral.settings import QueueSettings
 
 H = TypeVar("H")
@@ -170,6 +179,50 @@ class QueueBackend(ABC):
     async def purge(self) -> int:
         """Delete every waiting, delayed, completed and failed job; active jobs are left to
         finish. Return how many were deleted."""
+
+    # -- moving between queues and backends --------------------------------------------------
+
+    @abstractmethod
+    async def export_jobs(self, state: JobState, *, limit: int, offset: int = 0) -> list[JobRecord]:
+        """Up to ``limit`` jobs of this queue in ``state``, skipping the first ``offset``.
+
+        ``state`` is ``waiting`` (delivery order: priority, then enqueue order), ``delayed``
+        (due order) or ``failed`` (oldest failure first); any other state raises ``ValueError``.
+        A read only: nothing changes, and a job that changes state meanwhile may be missed or
+        returned in its old state (:meth:`remove_exported` is fenced on that state). Each record
+        holds everything :meth:`import_jobs` needs to recreate the job on any backend.
+        """
+
+    @abstractmethod
+    async def import_jobs(
+        self, records: Sequence[JobRecord], *, dry_run: bool = False
+    ) -> list[ImportOutcome]:
+        """Recreate ``records`` as jobs of this queue, each in its state, with its id; return
+        what happened to each, in order.
+
+        A created job has the record's id, name, data text, priority, max attempts, backoff,
+        attempts made, enqueue time, error and tracebacks, progress and logs; a delayed one is
+        due at ``run_at_ms`` (already due: the next claim runs it), a failed one is failed at
+        ``finished_at_ms`` and can be retried. Queue-assigned (integer) ids are kept too, and
+        the ids this queue assigns later never reuse them.
+
+        Idempotent by id: a record whose id exists in this queue (any state) is not written;
+        its outcome is ``PRESENT`` if that job has the same name and data (an earlier copy),
+        else ``CONFLICT``. Existence is checked and the job written atomically, so a job
+        created concurrently under the same id is never overwritten. A call is atomic per
+        record; on an error, records already created stay (re-running is safe). With
+        ``dry_run`` nothing is written and the outcomes are those a real call would have now.
+        """
+
+    @abstractmethod
+    async def remove_exported(self, records: Sequence[JobRecord]) -> list[bool]:
+        """Delete each record's job from this queue if it is still in the record's state;
+        return, in order, whether it was deleted.
+
+        Fenced: a job that left that state since it was read (claimed by a worker, promoted,
+        retried, removed) is left as it is and gives ``False``, so a job that started running
+        is never deleted under its worker.
+        """
 
     @abstractmethod
     async def close(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from corral.backends.base import PullBackend
+from corral.backends.bullmq import transfer
 from corral.backends.bullmq.connection import Client, RedisStore
 from corral.backends.bullmq.protocol import (
     ADD_SCRIPTS,
@@ -33,7 +34,7 @@ from corral.backends.bullmq.protocol import (
 )
 from corral.backends.bullmq.source import BullMQSource, now_ms, to_datetime
 from corral.errors import BackendError, JobActiveError
-from corral.message import JobInfo, JobState, NewJob
+from corral.message import ImportOutcome, JobInfo, JobRecord, JobState, NewJob
 from corral.payload import decode_lenient
 from corral.settings import QueueSettings
 
@@ -273,6 +274,19 @@ class BullMQBackend(PullBackend):
             await self.store.ready(self.queue_name)
             removed = await self.store.run_atomically(calls)
         return sum(len(ids) for ids in removed)
+
+    # -- moving ----------------------------------------------------------------------------
+
+    async def export_jobs(self, state: JobState, *, limit: int, offset: int = 0) -> list[JobRecord]:
+        return await transfer.export_jobs(self, state, limit, offset)
+
+    async def import_jobs(
+        self, records: Sequence[JobRecord], *, dry_run: bool = False
+    ) -> list[ImportOutcome]:
+        return await transfer.import_jobs(self, records, dry_run=dry_run)
+
+    async def remove_exported(self, records: Sequence[JobRecord]) -> list[bool]:
+        return await transfer.remove_exported(self, records)
 
     async def close(self) -> None:
         sources, self._sources = self._sources, set()

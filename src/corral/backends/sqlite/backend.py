@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import PullBackend
+from corral.backends.sqlite import transfer
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
 from corral.errors import JobActiveError
-from corral.message import JobInfo, JobState, NewJob
+from corral.message import ImportOutcome, JobInfo, JobRecord, JobState, NewJob
 from corral.payload import decode_lenient
 from corral.retry import Retry
 from corral.settings import QueueSettings
@@ -99,20 +100,7 @@ class SQLiteBackend(PullBackend):
         return ids
 
     def _row(self, job: NewJob, now: int) -> tuple[Any, ...]:
-        delayed = job.delay_ms > 0
-        return (
-            job.queue or self.queue_name,
-            job.job_id,
-            job.name,
-            job.data_json,
-            "delayed" if delayed else "waiting",
-            job.priority,
-            now + job.delay_ms,
-            now,
-            job.attempts,
-            _backoff_json(job.backoff) if job.backoff else None,
-            None,
-        )
+        return job_row(job, self.queue_name, now)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -223,6 +211,19 @@ class SQLiteBackend(PullBackend):
 
         return await self.db.write(delete)
 
+    # -- moving ----------------------------------------------------------------------------
+
+    async def export_jobs(self, state: JobState, *, limit: int, offset: int = 0) -> list[JobRecord]:
+        return transfer.export_jobs(self.db, self.queue_name, state, limit, offset)
+
+    async def import_jobs(
+        self, records: Sequence[JobRecord], *, dry_run: bool = False
+    ) -> list[ImportOutcome]:
+        return await transfer.import_jobs(self.db, self.queue_name, records, dry_run=dry_run)
+
+    async def remove_exported(self, records: Sequence[JobRecord]) -> list[bool]:
+        return await transfer.remove_exported(self.db, self.queue_name, records)
+
     async def close(self) -> None:
         if self._owns_db:
             self.db.close()
@@ -279,6 +280,25 @@ def _info(row: Sequence[Any]) -> JobInfo:
         tracebacks=[str(t) for t in tracebacks] if isinstance(tracebacks, list) else [],
         progress=decode_lenient(progress) if progress is not None else 0,
         logs=[str(line) for line in (decode_lenient(logs) or [])],
+    )
+
+
+def job_row(job: NewJob, queue: str, now: int) -> tuple[Any, ...]:
+    """The parameters of :data:`~corral.backends.sqlite.schema.INSERT` for ``job`` (into
+    ``job.queue``, else ``queue``), enqueued at ``now``."""
+    delayed = job.delay_ms > 0
+    return (
+        job.queue or queue,
+        job.job_id,
+        job.name,
+        job.data_json,
+        "delayed" if delayed else "waiting",
+        job.priority,
+        now + job.delay_ms,
+        now,
+        job.attempts,
+        _backoff_json(job.backoff) if job.backoff else None,
+        None,
     )
 
 
