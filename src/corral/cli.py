@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
+from corral._cli_tx import move, outbox_app, relay
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
 from corral.errors import ConfigError, CorralError, JobNotFoundError
@@ -541,6 +542,13 @@ def check(
     """Health check: exit 0 if the settings are valid and the backend answers."""
     code = health_check(_state(ctx).overrides, tuple(modules or ()), timeout_s=timeout_s)
     raise typer.Exit(code)
+
+
+# -- moving queues, the transactional outbox ----------------------------------------------------
+
+app.command()(move)
+app.command()(relay)
+app.add_typer(outbox_app, name="outbox")
 
 
 # -- tools, imported only when they run ---------------------------------------------------------

@@ -248,6 +248,36 @@ class QueueService:
         ids: list[str] = self._sync.run(lambda backend: backend.enqueue(built))
         return ids
 
+    def enqueue_in_transaction(self, conn: Any, name: str, data: Any = None, **options: Any) -> str:
+        """Add a job that exists if and only if ``conn``'s current transaction commits; return
+        its id. Takes the options of :meth:`enqueue`.
+
+        Writes through ``conn`` (a ``sqlite3`` or psycopg 3 connection, or a SQLAlchemy
+        ``Connection``/``Session``) inside its transaction, and never commits or rolls back.
+        On the SQLite backend, a connection to the queue's own file gets the job row itself;
+        otherwise the job goes into the outbox table of that database (:func:`corral.outbox.
+        install`), which a relay moves to the queue after the commit. Outbox jobs always have
+        an id (``tx-...`` when none is given), which makes a second push of the same row a
+        no-op. See :mod:`corral.outbox`.
+
+        Raises:
+            PayloadError: bad data or options; nothing was written.
+            ConfigError: an unsupported connection, one in autocommit mode with no
+                transaction open, or a missing outbox table.
+        """
+        from corral.outbox import enqueue_in_transaction
+
+        return enqueue_in_transaction(self, conn, name, data, options)
+
+    async def enqueue_in_transaction_async(
+        self, conn: Any, name: str, data: Any = None, **options: Any
+    ) -> str:
+        """:meth:`enqueue_in_transaction` for async drivers: psycopg's ``AsyncConnection`` or
+        SQLAlchemy's ``AsyncConnection``/``AsyncSession`` on it."""
+        from corral.outbox import enqueue_in_transaction_async
+
+        return await enqueue_in_transaction_async(self, conn, name, data, options)
+
     # -- consuming -------------------------------------------------------------------------
 
     async def start_worker(

@@ -24,7 +24,7 @@ from corral.retry import Retry
 
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
-_SECRET_FIELDS = frozenset({"redis_url"})
+_SECRET_FIELDS = frozenset({"redis_url", "outbox_url"})
 _PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
 MAX_KEPT_JOBS = 1_000_000_000  # the counts must fit SQLite's integers and Lua's exact numbers
 
@@ -92,6 +92,8 @@ class QueueSettings(BaseSettings):
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     allow_unsafe_integers: bool = False
     names: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    outbox_url: str | None = None
+    outbox_table: str = "corral_outbox"
 
     _explicit: frozenset[str] = PrivateAttr(default=frozenset())
     _identity: str = PrivateAttr(default="")
@@ -142,12 +144,12 @@ class QueueSettings(BaseSettings):
             return ("sqlite", self.sqlite_path)
         return ("bullmq", self.redis_url, str(self.redis_cluster), self.prefix)
 
-    @field_serializer("redis_url")
-    def _serialize_secret(self, value: str, info: SerializationInfo) -> str:
+    @field_serializer("redis_url", "outbox_url")
+    def _serialize_secret(self, value: str | None, info: SerializationInfo) -> str | None:
         # Frameworks log settings with model_dump(); the password shows only when asked for:
         # model_dump(context={"reveal_secrets": True}).
         context = info.context
-        if isinstance(context, dict) and context.get("reveal_secrets"):
+        if value is None or (isinstance(context, dict) and context.get("reveal_secrets")):
             return value
         return redact_url(value)
 
@@ -185,6 +187,25 @@ class QueueSettings(BaseSettings):
         if parts.scheme != "unix" and db and not db.isdigit():
             raise ValueError("has a database part that is not a number; use .../0")
         return value
+
+    @field_validator("outbox_url", mode="before")
+    @classmethod
+    def _check_outbox_url(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        if isinstance(value, str):
+            from corral.outbox import parse_outbox_url
+
+            parse_outbox_url(value.strip())  # raises ValueError, without echoing the URL
+            return value.strip()
+        return value
+
+    @field_validator("outbox_table")
+    @classmethod
+    def _check_outbox_table(cls, value: str) -> str:
+        from corral.outbox import check_table_name
+
+        return check_table_name(value)
 
     @field_validator("sqlite_path")
     @classmethod
@@ -232,6 +253,11 @@ class QueueSettings(BaseSettings):
     def backoff(self) -> Retry:
         """The default backoff policy built from ``backoff_type``/``backoff_delay_s``/``jitter``."""
         return Retry(self.backoff_type, round(self.backoff_delay_s * 1000), self.backoff_jitter)
+
+    @property
+    def outbox_url_redacted(self) -> str | None:
+        """``outbox_url`` safe to print: the password is replaced by ``***``."""
+        return redact_url(self.outbox_url) if self.outbox_url is not None else None
 
     @property
     def redis_url_redacted(self) -> str:

@@ -226,6 +226,8 @@ async def run_worker(
         service.start_worker(burst=burst, queues=plan.queues, total_concurrency=total_concurrency),
         name="corral-worker",
     )
+    relay_stop = asyncio.Event()
+    relay = _start_relay(service, relay_stop)
     hard_signal: int | None = None
     received = 0
 
@@ -269,6 +271,12 @@ async def run_worker(
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if relay is not None:
+            relay_stop.set()
+            if hard_signal is not None:
+                relay.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(relay, 10.0)
         try:
             await asyncio.wait_for(service.close(), 10.0)
         except Exception:  # closing is best effort; the jobs' leases cover the rest
@@ -278,6 +286,23 @@ async def run_worker(
     if hard_signal is not None:
         return 128 + hard_signal
     return EXIT_ERROR if service.stuck else EXIT_OK
+
+
+def _start_relay(service: QueueService, stop: asyncio.Event) -> asyncio.Task[None] | None:
+    """The outbox relay of ``QUEUE_OUTBOX_URL``, beside the worker (None if it is not set)."""
+    if service.settings.outbox_url is None:
+        return None
+    from corral.relay import Relay
+
+    relay = Relay(service.settings, service.backend)
+
+    async def run() -> None:
+        try:
+            await relay.run(stop)
+        except CorralError as exc:  # bad outbox settings: the worker goes on, loudly
+            logger.error("the outbox relay stopped: %s", exc)
+
+    return asyncio.create_task(run(), name="corral-relay")
 
 
 _early_signals: list[int] = []
