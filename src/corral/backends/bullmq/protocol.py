@@ -423,6 +423,15 @@ return out
 """
 """For each job key: ``[exists, name, data]``."""
 
+EXPORT_JOBS_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = {redis.call('HGETALL', key), redis.call('LRANGE', key .. ':logs', 0, -1)}
+end
+return out
+"""
+"""For each job key: ``[flat hash fields, log lines]`` (one round trip for a batch)."""
+
 IN_STATE_LUA = """
 local out = {}
 local n = 0

@@ -17,6 +17,7 @@ import redis.exceptions as redis_errors
 
 from corral.backends.bullmq.protocol import (
     DELAY_SCORE_FACTOR,
+    EXPORT_JOBS_LUA,
     IN_STATE_LUA,
     MOVABLE_SETS,
     RAISE_ID_LUA,
@@ -66,16 +67,12 @@ async def export_jobs(
             ids = list(due)
         else:
             ids = [str(i) for i in await client.zrange(k["failed"], offset, offset + limit - 1)]
-        async with client.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                key = k[""] + job_id
-                pipe.hgetall(key)
-                pipe.lrange(key + ":logs", 0, -1)
-            rows = await pipe.execute()
+        keys = [k[""] + job_id for job_id in ids]
+        rows = await client.eval(EXPORT_JOBS_LUA, len(keys), *keys) if keys else []
     records = []
-    for index, job_id in enumerate(ids):
-        raw, logs = rows[2 * index], rows[2 * index + 1]
-        if raw:  # removed between the two reads
+    for job_id, (flat, logs) in zip(ids, rows, strict=True):
+        if flat:  # removed between the two reads
+            raw = {str(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
             records.append(_record(job_id, raw, [str(line) for line in logs], state, due))
     return records
 
