@@ -217,7 +217,7 @@ async def test_states_to_move_are_checked(service: QueueService) -> None:
         await service.move_to(service.settings)
 
 
-# -- across backends ---------------------------------------------------------------------------------
+# -- across backends -------------------------------------------------------------------------------
 
 ROUND_TRIP_JOBS = int(os.environ.get("CORRAL_MOVE_TEST_JOBS", "20000"))
 
@@ -324,22 +324,29 @@ async def test_an_interrupted_move_loses_and_duplicates_nothing(
             "--batch-size",
             "50",
         ]
-        process = subprocess.Popen(command, env=python_env(), stdout=subprocess.PIPE)
+        process = await asyncio.create_subprocess_exec(
+            *command, env=python_env(), stdout=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
         while (await target.counts())[JobState.WAITING] < 500:
-            assert process.poll() is None, "the move ended before it could be interrupted"
+            assert process.returncode is None, "the move ended before it could be interrupted"
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        await process.wait()
 
         moved = await snapshot(target)
         left = await snapshot(source)
         assert 500 <= len(moved) < len(before)
         assert set(moved) | set(left) == set(before)  # nothing lost
 
-        again = subprocess.run(
-            [*command, "--json"], env=python_env(), capture_output=True, text=True, timeout=120
+        again = await asyncio.to_thread(
+            subprocess.run,
+            [*command, "--json"],
+            env=python_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert again.returncode == 0, again.stderr
         report = json.loads(again.stdout)

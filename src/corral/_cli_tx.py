@@ -216,7 +216,11 @@ def relay(
 
         moved = asyncio.run(go())
     if burst:
-        out.print(f"moved {moved} job(s) from the outbox", markup=False)
+        out.print(
+            f"moved {moved} job(s) from the outbox {settings.outbox_table} at "
+            f"{settings.outbox_url_redacted}",
+            markup=False,
+        )
 
 
 def _outbox_settings(

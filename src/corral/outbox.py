@@ -125,20 +125,23 @@ def channel_name(table: str) -> str:
 
 
 def install(conn: Any, table: str = DEFAULT_TABLE) -> None:
-    """Create the outbox ``table`` through ``conn`` (a sqlite3, psycopg or SQLAlchemy
-    connection) and commit; idempotent. ``corral outbox install URL`` does the same."""
+    """Create the outbox ``table`` through ``conn``; idempotent. ``corral outbox install URL``
+    does the same.
+
+    A ``sqlite3`` or psycopg connection is committed; a SQLAlchemy ``Connection``/``Session``
+    is not (its transaction, e.g. ``engine.begin()`` or a migration's, commits the table).
+    """
     raw = unwrap(conn)
     if isinstance(raw, sqlite3.Connection):
-        for statement in schema_sql("sqlite", table):
-            raw.execute(statement)
+        dialect = "sqlite"
+    elif _is_psycopg(raw):
+        dialect = "postgresql"
+    else:
+        raise _unsupported(conn)
+    for statement in schema_sql(dialect, table):
+        raw.execute(statement)
+    if raw is conn:
         raw.commit()
-        return
-    if _is_psycopg(raw):
-        for statement in schema_sql("postgresql", table):
-            raw.execute(statement)
-        raw.commit()
-        return
-    raise _unsupported(conn)
 
 
 # -- outbox URLs ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ delete leaves the rows, and the next round pushes them again: the job ids make t
   over the push, so several relays never take the same row; a relay that dies releases its rows
   with its connection. It sleeps on ``LISTEN`` (the outbox's trigger NOTIFYs at commit), with a
   check every ``SAFETY_CHECK_S`` in case a notification was missed while reconnecting.
-- SQLite: rows are leased (a token and an expiry, ``LEASE_S``) in a short write transaction, so
+- SQLite: rows are leased (a token and an expiry, ``lease_s``) in a short write transaction, so
   the application's writers are not held while the queue is called; a lease that expires (its
   relay died) is taken by another relay. It wakes on ``PRAGMA data_version`` (another
   connection committed), checked every ``poll_interval_s``.
@@ -42,7 +42,6 @@ from corral.settings import QueueSettings, check_queue_name
 logger = logging.getLogger("corral.relay")
 
 BATCH = 500
-LEASE_S = 30.0
 SAFETY_CHECK_S = 5.0
 _SELECT = f"id, {OUTBOX_COLUMNS}"
 
@@ -86,7 +85,7 @@ class Relay:
         self.store: _Store = (
             _PostgresStore(location.target, table)
             if location.dialect == "postgresql"
-            else _SQLiteStore(location.target, table, settings.poll_interval_s)
+            else _SQLiteStore(location.target, table, settings.poll_interval_s, settings.lease_s)
         )
         self.moved = 0
         """Rows this relay pushed and deleted."""
@@ -233,8 +232,9 @@ class _SQLiteStore(_Store):
     """An outbox in a SQLite file; its calls run in a thread (the application may hold the
     file's write lock for a while)."""
 
-    def __init__(self, path: str, table: str, poll_interval_s: float) -> None:
+    def __init__(self, path: str, table: str, poll_interval_s: float, lease_s: float) -> None:
         self.path = path
+        self.lease_ms = max(1, round(lease_s * 1000))
         self.table = table
         self.poll_interval_s = poll_interval_s
         self._conn: sqlite3.Connection | None = None
@@ -273,7 +273,7 @@ class _SQLiteStore(_Store):
                 conn.execute(
                     f"UPDATE {self.table} SET claimed_until_ms = ?, claim_token = ? "
                     f"WHERE id IN ({marks})",
-                    (now + round(LEASE_S * 1000), token, *(row[0] for row in found)),
+                    (now + self.lease_ms, token, *(row[0] for row in found)),
                 )
             conn.execute("COMMIT")
         except BaseException:
