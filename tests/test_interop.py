@@ -390,3 +390,40 @@ async def test_a_job_retried_from_bull_board_says_so(
     assert shown.returncode == 0, shown.stderr
     assert "3 (retried by hand; 2 allowed)" in shown.stdout
     assert "traceback 3 of 3:" in shown.stdout
+
+
+# -- moved jobs ------------------------------------------------------------------------------------
+
+
+async def test_jobs_moved_from_sqlite_are_bullmq_jobs_to_node(
+    node_bullmq: Path, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    from corral import QueueSettings
+
+    from test_move import fill
+
+    settings = make_settings()
+    source = QueueService(QueueSettings(sqlite_path=str(tmp_path / "q.db"), name=settings.name))
+    try:
+        ids = await fill(source)
+        report = await source.move_to(settings)
+        assert report.total_moved == len(ids) == 7
+    finally:
+        await source.close()
+    seen = await run_node("inspect.mjs", node_args(settings, jobIds=ids))
+    jobs = seen["jobs"]
+    assert seen["counts"]["failed"] == 1 and seen["counts"]["delayed"] == 3
+    failed = jobs["fails-1"]
+    assert (failed["state"], failed["failedReason"]) == ("failed", "ValueError: boom 1")
+    assert failed["attemptsMade"] == 1 and "ValueError: boom 1" in failed["stacktrace"][0]
+    assert failed["progress"] == {"step": 2} and failed["logs"] == ["about to fail"]
+    retry = jobs[ids[1]]
+    assert (retry["state"], retry["attemptsMade"], retry["opts"]["attempts"]) == ("delayed", 1, 3)
+    late = jobs["late"]
+    assert (late["state"], late["priority"], late["opts"]["jobId"]) == ("delayed", 3, "late")
+    custom = jobs["custom-w"]
+    assert custom["opts"]["backoff"] == {"type": "exponential", "delay": 2000, "jitter": 0.25}
+    # A Node worker runs the waiting ones, in priority order.
+    ran = await run_node("worker.mjs", node_args(settings, expect=3, timeoutMs=20000))
+    assert not ran["timedOut"]
+    assert [run["id"] for run in ran["runs"]] == [ids[2], "custom-w", ids[3]]

@@ -57,7 +57,7 @@ async def fill(service: QueueService) -> list[str]:
         raise ValueError(f"boom {message.data['n']}")
 
     ids = [
-        await service.enqueue("boom", {"n": 1}, job_id="fails-1"),
+        await service.enqueue("boom", {"n": 1}, job_id="fails-1", attempts=1),
         await service.enqueue("boom", {"n": 2}, attempts=3, backoff=Retry.fixed(3600)),
     ]
     await service.start_worker(burst=True)
