@@ -399,7 +399,6 @@ async def test_jobs_moved_from_sqlite_are_bullmq_jobs_to_node(
     node_bullmq: Path, make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     from corral import QueueSettings
-
     from test_move import fill
 
     settings = make_settings()
