@@ -243,9 +243,25 @@ class _SQLiteStore(_Store):
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 10000")
+            # No C-level busy wait: its sleeps grow to 100 ms at once; _locked retries finer.
+            conn.execute("PRAGMA busy_timeout = 0")
             self._conn = conn
         return self._conn
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, retried while the application holds the write lock: short pauses
+        first (its transactions are short), growing to 20 ms, for up to a minute."""
+        pause = 0.0002
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.02)
 
     async def relay_batch(self, limit: int, push: Push) -> int:
         token = secrets.token_hex(8)
@@ -263,7 +279,7 @@ class _SQLiteStore(_Store):
         # A read first: an idle relay takes no write lock from the application.
         if not conn.execute(f"SELECT 1 FROM {self.table} WHERE {ready} LIMIT 1").fetchone():
             return []
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             found = conn.execute(
                 f"SELECT {_SELECT} FROM {self.table} WHERE {ready} ORDER BY id LIMIT ?", (limit,)
@@ -285,7 +301,7 @@ class _SQLiteStore(_Store):
     def _settle(self, rows: list[OutboxRow], token: str, bad: dict[int, str]) -> None:
         conn = self._connect()
         done = [row.row_id for row in rows if row.row_id not in bad]
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             if done:
                 marks = ",".join("?" * len(done))
@@ -367,8 +383,10 @@ class _PostgresStore(_Store):
 
     async def wait_for_rows(self, timeout_s: float) -> None:
         _, listen = await self._connections()
+        # Iterated to its end (stop_after=1 ends it): leaving the generator early would keep
+        # the connection's lock until the generator is finalized.
         async for _ in listen.notifies(timeout=timeout_s, stop_after=1):
-            return
+            pass
 
     async def reset(self) -> None:
         await self.close()
