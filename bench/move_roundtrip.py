@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 import time
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--batch-size", type=int, default=500)
     args = parser.parse_args()
+    logging.getLogger("corral").setLevel(logging.CRITICAL)  # the 400 failures are on purpose
     with tempfile.TemporaryDirectory() as workdir:
         sys.exit(asyncio.run(run(args.jobs, args.redis_url, args.batch_size, Path(workdir))))
 
