@@ -245,6 +245,9 @@ class _SQLiteStore(_Store):
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             # No C-level busy wait: its sleeps grow to 100 ms at once; _locked retries finer.
             conn.execute("PRAGMA busy_timeout = 0")
+            # The relay's own writes (leases, deletes) need no sync to disk: one lost to a power
+            # cut means a row pushed again, which its job id makes a no-op. (In WAL mode.)
+            conn.execute("PRAGMA synchronous = NORMAL")
             self._conn = conn
         return self._conn
 
