@@ -66,8 +66,9 @@ def test_enqueue_sync_from_many_threads_uses_one_loop_and_closes_it(
     assert report["ids"] == 1600
     assert report["during"]["threads"] == 1
     # One loop (its selector and self-pipe) and one connection (a socket; a file and its WAL
-    # and shared-memory files on SQLite), however many threads called at once.
-    assert report["during"]["fds"] <= 6
+    # and shared-memory files on SQLite), however many threads called at once: a handful,
+    # where a loop per thread held 80 and more.
+    assert report["during"]["fds"] <= 8
     assert report["after"]["threads"] == 0
     assert report["after"]["fds"] <= 0
     assert "Task was destroyed" not in done.stderr

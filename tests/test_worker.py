@@ -405,7 +405,8 @@ def test_crash_looping_child_is_restarted_with_growing_delays(
     script = textwrap.dedent(
         """
         import sys
-        from corral.worker import Supervisor, configure_logging
+        from corral.logs import configure_logging
+        from corral.supervisor import Supervisor
 
         configure_logging("info")
         crash = [sys.executable, "-c", "raise SystemExit(3)"]

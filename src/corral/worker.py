@@ -1,16 +1,14 @@
 """The worker process: ``python -m corral.worker`` and ``corral worker``.
 
-A worker builds a :class:`~corral.service.QueueService` from the settings, gathers the handlers of
-the task modules it is given (each defines a module-level ``QueueService`` and registers handlers
-on it) and runs :meth:`~corral.service.QueueService.start_worker` until it is told to stop.
+A worker serves the QueueServices of the task modules it is given, with their settings
+(:mod:`corral.tasks`), and runs :meth:`~corral.service.QueueService.start_worker` until it is
+told to stop.
 
 Signals: the first SIGTERM or SIGINT only asks the worker to stop (no new claims; jobs in flight
 get ``shutdown_grace_s`` to finish, then are cancelled and released for a retry) and the process
 exits 0. A second signal cancels everything at once and the process exits ``128 + signal``.
 
-With ``--processes N`` a supervisor runs N worker processes, restarts one that dies (waiting
-longer after each quick death, so a crash loop does not spin), forwards SIGTERM/SIGINT to them
-and exits once they have.
+With ``--processes N`` a supervisor (:mod:`corral.supervisor`) runs N worker processes.
 """
 
 from __future__ import annotations
@@ -19,14 +17,11 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import importlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,15 +33,19 @@ from corral.handlers import running_sync_handlers
 from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from corral.message import JobState
 from corral.service import QueueService
-from corral.settings import QueueSettings, parse_queue_spec
+from corral.settings import QueueSettings
+from corral.supervisor import (
+    EXIT_ERROR,
+    EXIT_OK,
+    HARD_EXIT_DEADLINE_S,
+    STOP_SIGNALS,
+    Supervisor,
+)
+from corral.tasks import WorkerPlan, build_worker, load_task_services
 
 logger = logging.getLogger("corral.worker")
 
-EXIT_OK = 0
-EXIT_ERROR = 1
 EXIT_CONFIG = 2
-
-_HARD_EXIT_DEADLINE_S = 10.0
 
 __all__ = [
     "EXIT_CONFIG",
@@ -63,148 +62,6 @@ __all__ = [
     "main",
     "serve",
 ]
-
-
-# -- task modules -------------------------------------------------------------------------------
-
-
-def load_task_services(spec: str) -> list[QueueService]:
-    """The QueueService instances of the task module ``spec``.
-
-    ``spec`` is a module name (``myapp.tasks``: every module-level QueueService in it) or
-    ``module:attr`` (that one attribute). The working directory is importable, as with
-    ``python -m``.
-
-    Raises:
-        TaskModuleError: the module is missing, fails to import or has no QueueService.
-    """
-    module_name, _, attr = spec.strip().partition(":")
-    if not module_name or (":" in spec and not attr):
-        raise TaskModuleError(f"task module {spec!r} is not 'package.module' or 'module:attr'")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise TaskModuleError(
-                f"task module {module_name!r} was not found; run the worker from the "
-                "directory that contains it or add that directory to PYTHONPATH"
-            ) from None
-        raise TaskModuleError(f"importing task module {module_name!r} failed: {exc}") from exc
-    except CorralError:
-        raise  # e.g. bad QUEUE_* settings met by the module's own QueueService(): already clear
-    except Exception as exc:
-        raise TaskModuleError(
-            f"importing task module {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    if attr:
-        found = getattr(module, attr, None)
-        if not isinstance(found, QueueService):
-            raise TaskModuleError(
-                f"{module_name}:{attr} is {type(found).__name__}, not a QueueService"
-                if found is not None or hasattr(module, attr)
-                else f"task module {module_name!r} has no attribute {attr!r}"
-            )
-        return [found]
-    services: list[QueueService] = []
-    for value in vars(module).values():
-        if isinstance(value, QueueService) and not any(value is s for s in services):
-            services.append(value)
-    if not services:
-        raise TaskModuleError(
-            f"task module {module_name!r} defines no QueueService; add "
-            "`service = QueueService()` and register handlers with @service.handler(...)"
-        )
-    return services
-
-
-@dataclass(slots=True)
-class WorkerPlan:
-    """What one worker process serves: a service with every handler, and its queues."""
-
-    service: QueueService
-    queues: list[QueueSettings]
-
-
-def build_worker(
-    overrides: Mapping[str, Any],
-    task_modules: Sequence[str],
-    queue_specs: Sequence[str] = (),
-    *,
-    concurrency: int | None = None,
-) -> WorkerPlan:
-    """The worker of the QueueServices the task modules define, with their own settings.
-
-    The command line's settings (``overrides``) apply to each module's service where its code
-    did not set them; where it did and they differ, that is a ConfigError. Every service must
-    use one storage. The queues served are ``queue_specs`` (``name`` or ``name:concurrency``;
-    else ``QUEUE_NAMES``), else the ``--queue`` override, else every service's queue.
-
-    Raises:
-        ConfigError: no or bad task modules, conflicting settings, several storages.
-    """
-    if not task_modules:
-        raise ConfigError(
-            "no task modules to load: name them (corral worker myapp.tasks) "
-            "or set QUEUE_TASKS=myapp.tasks"
-        )
-    services: list[QueueService] = []
-    for spec in task_modules:
-        for found in load_task_services(spec):
-            if not any(found is seen for seen in services):
-                services.append(found)
-    for service in services:
-        _apply_overrides(service, overrides)
-    storages = {service.settings.storage() for service in services}
-    if len(storages) > 1:
-        described = "; ".join(f"{service!r}" for service in services)
-        raise ConfigError(
-            "the task modules' services use different storages, and one worker serves one: "
-            f"{described}. Run one worker per storage (corral worker module:service)"
-        )
-    primary = services[0].settings
-    specs = list(queue_specs) or list(primary.names)
-    if not specs:
-        specs = [overrides["name"]] if "name" in overrides else []
-    if not specs:
-        specs = list(dict.fromkeys(service.settings.name for service in services))
-    by_name = {service.settings.name: service.settings for service in services}
-    queues: list[QueueSettings] = []
-    for spec in specs:
-        name, own_concurrency = parse_queue_spec(spec)
-        settings = by_name.get(name) or primary.with_name(name)
-        chosen = own_concurrency or concurrency or settings.concurrency
-        queues.append(settings.model_copy(update={"concurrency": chosen}))
-    names = [queue.name for queue in queues]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"a queue is named twice: {', '.join(names)}")
-    worker = QueueService(primary)
-    for service in services:
-        worker.include(service)
-    return WorkerPlan(worker, queues)
-
-
-def _apply_overrides(service: QueueService, overrides: Mapping[str, Any]) -> None:
-    """Give ``service`` the command line's settings where its code set none of its own."""
-    current = service.settings
-    explicit = current.explicit
-    changes: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if getattr(current, key, value) == value:
-            continue
-        if key in explicit:
-            if key == "name":
-                continue  # the queue it enqueues to; the worker serves the queues it is told
-            raise ConfigError(
-                f"{service!r} sets {key}={getattr(current, key)!r} in its code, and the "
-                f"command line asks for {value!r}; remove one of the two"
-            )
-        changes[key] = value
-    if changes:
-        values = {key: getattr(current, key) for key in explicit}
-        service.use_settings(QueueSettings(**values, **changes))
 
 
 # -- one worker process -------------------------------------------------------------------------
@@ -306,7 +163,6 @@ def _start_relay(service: QueueService, stop: asyncio.Event) -> asyncio.Task[Non
 
 
 _early_signals: list[int] = []
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _catch_early_signals() -> None:
@@ -316,21 +172,21 @@ def _catch_early_signals() -> None:
     def remember(signum: int, frame: FrameType | None) -> None:
         _early_signals.append(signum)
 
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, remember)
     # A supervisor starts its workers with these signals blocked (see Supervisor._start); what
     # arrived since is delivered now, to the handler above.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _arm_hard_exit(code: int) -> None:
     """After a second signal, end the process even if a handler blocks the event loop."""
 
     def force() -> None:
-        logger.error("still running %gs after the second signal; killing", _HARD_EXIT_DEADLINE_S)
+        logger.error("still running %gs after the second signal; killing", HARD_EXIT_DEADLINE_S)
         _flush_and_exit(code)
 
-    timer = threading.Timer(_HARD_EXIT_DEADLINE_S, force)
+    timer = threading.Timer(HARD_EXIT_DEADLINE_S, force)
     timer.daemon = True
     timer.start()
 
@@ -369,176 +225,6 @@ def _flush_and_exit(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
-
-
-# -- several worker processes -------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Slot:
-    index: int
-    process: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    quick_deaths: int = 0
-    restart_at: float | None = None
-    done: bool = False
-
-
-class Supervisor:
-    """Run ``processes`` copies of a worker command; restart them, forward signals to them.
-
-    The command starts with SIGTERM and SIGINT blocked and must unblock them once it can
-    handle them (``python -m corral.worker`` does).
-    """
-
-    def __init__(
-        self,
-        command: Sequence[str],
-        *,
-        processes: int,
-        env: Mapping[str, str] | None = None,
-        burst: bool = False,
-        restart_delay_s: float = 0.5,
-        max_restart_delay_s: float = 30.0,
-        healthy_after_s: float = 10.0,
-        kill_after_s: float = _HARD_EXIT_DEADLINE_S,
-    ) -> None:
-        self.command = list(command)
-        self.env = dict(env) if env is not None else None
-        self.burst = burst
-        self.restart_delay_s = restart_delay_s
-        self.max_restart_delay_s = max_restart_delay_s
-        self.healthy_after_s = healthy_after_s
-        self.kill_after_s = kill_after_s
-        self.slots = [_Slot(i) for i in range(processes)]
-        self._signals: list[int] = []
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.append(signum)  # the loop acts on it; a handler does nothing else
-
-    def run(self) -> int:
-        """Supervise until the children exit after a signal (or, with burst, drain); return the
-        exit code: 0 if every child exited 0 at the end, else 1 (``128 + signal`` after a
-        second signal)."""
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            return self._loop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _loop(self) -> int:
-        for slot in self.slots:
-            self._start(slot)
-        signals_seen = 0
-        forwarded: set[int] = set()
-        hard_signal: int | None = None
-        kill_at: float | None = None
-        final_codes: dict[int, int] = {}
-        while True:
-            while self._signals:
-                signum = self._signals.pop(0)
-                signals_seen += 1
-                forwarded.add(signum)
-                name = signal.Signals(signum).name
-                if signals_seen == 1:
-                    logger.info("%s received: stopping the worker processes", name)
-                elif signals_seen == 2:
-                    logger.warning("%s received again: the worker processes exit at once", name)
-                    hard_signal = signum
-                    kill_at = time.monotonic() + self.kill_after_s
-                for slot in self.slots:
-                    if slot.process is not None:
-                        with contextlib.suppress(ProcessLookupError):
-                            slot.process.send_signal(signum)
-            now = time.monotonic()
-            for slot in self.slots:
-                if slot.process is None:
-                    continue
-                code = slot.process.poll()
-                if code is None:
-                    continue
-                pid = slot.process.pid
-                slot.process = None
-                # A child that had not yet installed its handlers dies of the forwarded signal
-                # itself; it held no job, so for a stop that is as good as a clean exit.
-                final_codes[slot.index] = 0 if -code in forwarded else code
-                if signals_seen:
-                    logger.info(
-                        "worker process %d (pid %d) exited: %s", slot.index + 1, pid, _how(code)
-                    )
-                elif self.burst and code == 0:
-                    slot.done = True
-                    logger.info("worker process %d (pid %d) drained the queue", slot.index + 1, pid)
-                else:
-                    slot.quick_deaths = (
-                        0 if now - slot.started_at >= self.healthy_after_s else slot.quick_deaths
-                    )
-                    delay = min(
-                        self.restart_delay_s * 2**slot.quick_deaths, self.max_restart_delay_s
-                    )
-                    slot.quick_deaths += 1
-                    slot.restart_at = now + delay
-                    logger.warning(
-                        "worker process %d (pid %d) %s; restarting it in %.2fs",
-                        slot.index + 1,
-                        pid,
-                        _how(code),
-                        delay,
-                    )
-            alive = [s for s in self.slots if s.process is not None]
-            if signals_seen and not alive:
-                break
-            if self.burst and not signals_seen and all(s.done for s in self.slots):
-                break
-            if not signals_seen:
-                for slot in self.slots:
-                    if slot.restart_at is not None and now >= slot.restart_at:
-                        self._start(slot)
-            if kill_at is not None and now >= kill_at:
-                for slot in alive:
-                    logger.error(
-                        "worker process %d (pid %d) still running; killing it",
-                        slot.index + 1,
-                        slot.process.pid if slot.process else -1,
-                    )
-                    if slot.process is not None:
-                        slot.process.kill()
-                kill_at = None
-            time.sleep(0.05)
-        if hard_signal is not None:
-            return 128 + hard_signal
-        return EXIT_OK if all(code == 0 for code in final_codes.values()) else EXIT_ERROR
-
-    def _start(self, slot: _Slot) -> None:
-        slot.restart_at = None
-        # A process group of its own: a terminal's Ctrl-C reaches only the supervisor, which
-        # forwards it once; otherwise every child would see it twice and exit at once.
-        # The child inherits a mask that blocks SIGTERM/SIGINT, so a signal forwarded while it
-        # starts up waits until its worker can handle it instead of killing it half-started.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            slot.process = subprocess.Popen(self.command, env=self.env, process_group=0)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        slot.started_at = time.monotonic()
-        logger.info(
-            "worker process %d/%d started (pid %d)",
-            slot.index + 1,
-            len(self.slots),
-            slot.process.pid,
-        )
-
-
-def _how(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 # -- entry points -------------------------------------------------------------------------------

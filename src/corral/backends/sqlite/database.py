@@ -129,6 +129,9 @@ class Database:
         return conn
 
     def close(self) -> None:
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is not None:
+            checkpoint.join(5.0)  # it holds a connection of its own: close nothing under it
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
