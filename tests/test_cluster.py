@@ -124,6 +124,12 @@ def cluster_url(cluster_ports_up: list[int]) -> str:
 
 
 @pytest.fixture
+def backend_kind() -> str:
+    """The contract suite runs here once, on the BullMQ backend (the cluster)."""
+    return "bullmq"
+
+
+@pytest.fixture
 def make_settings(cluster_url: str) -> SettingsFactory:
     """Settings for a fresh queue on the cluster (the contract suite uses this one)."""
     queue = unique_queue_name()

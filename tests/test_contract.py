@@ -197,11 +197,21 @@ async def test_delay_has_millisecond_precision(service: QueueService) -> None:
     async def t(message: QueueMessage) -> None:
         started[message.data] = time.monotonic()
 
-    t0 = time.monotonic()
-    await service.enqueue("t", "late", delay_s=0.4)
-    await service.enqueue("t", "soon", delay_s=0.15)
-    await service.enqueue("t", "now")
-    await run_worker_until(service, finished(service, 3))
+    await service.enqueue("t", "warm-up")  # the worker is connected and idle before the test
+    worker = asyncio.create_task(service.start_worker())
+    try:
+        while "warm-up" not in started:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        await service.enqueue("t", "late", delay_s=0.4)
+        await service.enqueue("t", "soon", delay_s=0.15)
+        await service.enqueue("t", "now")
+        while len(started) < 4:
+            assert not worker.done(), worker
+            await asyncio.sleep(0.01)
+    finally:
+        service.stop()
+        await asyncio.wait_for(worker, 15)
     # Order and "not before it was due"; how soon after is the benchmark's business.
     assert started["now"] < started["soon"] < started["late"]
     assert started["soon"] - t0 >= 0.15
