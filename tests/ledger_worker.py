@@ -33,6 +33,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
+        await service.counts()  # connected (its backend imported and reachable) before "ready"
         os.write(fd, f"ready - - {os.getpid()}\n".encode())
         try:
             await service.start_worker(burst=os.environ.get("LEDGER_BURST") == "1")

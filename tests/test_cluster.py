@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import random
 import shutil
@@ -246,6 +247,31 @@ async def test_a_queue_and_its_dead_letters_live_in_one_slot(
     finally:
         for client in clients:
             client.close()
+
+
+async def test_schedules_on_a_cluster(
+    make_settings: SettingsFactory, cluster_ports_up: list[int]
+) -> None:
+    async with QueueService(make_settings()) as service:
+        ran: list[str] = []
+
+        @service.handler("tick")
+        async def tick(message: QueueMessage) -> None:
+            ran.append(message.id)
+
+        await service.schedule("beat", "tick", every_s=0.2, limit=3)
+        await service.schedule("later", "tick", cron="0 3 * * *", tz="Asia/Tokyo")
+        await run_until(service, 3)
+        slots = sorted(int(job_id.rsplit(":", 1)[1]) for job_id in ran)
+        # On the 200 ms grid (a slot picked up late is followed by the next one on it).
+        assert len(slots) == 3 and all(
+            b > a and (b - a) % 200 == 0 for a, b in itertools.pairwise(slots)
+        )
+        listed = {each.id: each for each in await service.schedules()}
+        assert listed["beat"].runs == 3 and listed["later"].next_run_at is not None
+        assert await service.unschedule("later") and not await service.unschedule("later")
+        assert [each.id for each in await service.schedules()] == ["beat"]
+        assert (await service.counts())[JobState.DELAYED] == 0
 
 
 async def test_the_worker_is_listed_on_one_node(

@@ -13,11 +13,13 @@ from corral.errors import (
     MissingDependencyError,
     NoHandlerError,
     PayloadError,
+    ScheduleConflictError,
     TaskModuleError,
     UnrecoverableError,
 )
 from corral.message import JobInfo, JobState, QueueMessage
 from corral.retry import Retry
+from corral.schedules import ScheduleInfo
 from corral.service import QueueService
 from corral.settings import QueueSettings
 
@@ -42,6 +44,8 @@ __all__ = [
     "QueueService",
     "QueueSettings",
     "Retry",
+    "ScheduleConflictError",
+    "ScheduleInfo",
     "TaskModuleError",
     "UnrecoverableError",
     "__version__",

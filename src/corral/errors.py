@@ -35,6 +35,11 @@ class JobActiveError(BackendError):
     """The job is active (a worker holds its lease), so it cannot be removed or changed now."""
 
 
+class ScheduleConflictError(BackendError):
+    """A schedule's job is in the way: the pending job of a schedule cannot be removed on its own
+    (unschedule it), or the time slot a schedule would write already has a job."""
+
+
 class MissingDependencyError(ConfigError):
     """A setting needs a package that is not installed; the message names the pip command."""
 

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral._sync import SyncRunner
@@ -15,6 +17,15 @@ from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, is
 from corral.jobs import check_attempts, check_name, new_job
 from corral.message import JobInfo, JobState, NewJob, Outcome, QueueMessage
 from corral.retry import Retry
+from corral.schedules import (
+    NewSchedule,
+    Periodic,
+    ScheduleInfo,
+    check_template,
+    new_schedule,
+    now_ms,
+    write_declared,
+)
 from corral.settings import QueueSettings
 
 if TYPE_CHECKING:
@@ -44,6 +55,7 @@ class QueueService:
     def __init__(self, settings: QueueSettings | None = None) -> None:
         self.settings = settings if settings is not None else QueueSettings()
         self.handlers: dict[str, HandlerSpec] = {}
+        self.periodics: dict[str, Periodic] = {}
         self._backend: QueueBackend | None = None
         self._stop = asyncio.Event()
         self._sync = SyncRunner(self._init_backend)
@@ -94,13 +106,64 @@ class QueueService:
 
         return register
 
+    def periodic(
+        self,
+        schedule_id: str,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        tz: str | None = None,
+        data: Any = None,
+        name: str | None = None,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> Callable[[H], H]:
+        """Register the decorated function as a handler and the schedule that runs it.
+
+        The job name is ``name`` (default: ``schedule_id``). Workers of this service's queue
+        write the schedule when they start (unless ``burst``), so deploying the code is
+        enough; one that finds it unchanged leaves it as it is. ``options`` are those of
+        :meth:`schedule` (``limit``, ``start_at``, ``end_at``, ``priority``, ``attempts``,
+        ``backoff``). Removing the decorator does not delete the schedule: ``unschedule`` it.
+
+        Raises:
+            ConfigError, PayloadError: the schedule is not valid (checked now).
+        """
+        job_name = name if name is not None else schedule_id
+        declared = Periodic(
+            schedule_id, job_name, data, {"cron": cron, "every_s": every_s, "tz": tz, **options}
+        )
+        self._build_periodic(declared)  # refuse a bad schedule at import, not in the worker
+        if schedule_id in self.periodics:
+            raise ConfigError(f"a periodic schedule {schedule_id!r} is already declared")
+        register = self.handler(
+            job_name,
+            attempts=options.get("attempts"),
+            backoff=options.get("backoff"),
+            timeout_s=timeout_s,
+        )
+
+        def declare(fn: H) -> H:
+            register(fn)
+            self.periodics[schedule_id] = declared
+            return fn
+
+        return declare
+
     def include(self, other: QueueService) -> None:
-        """Register every handler of ``other`` here (how a worker gathers task modules)."""
+        """Register every handler and periodic schedule of ``other`` here (how a worker
+        gathers task modules); the schedules stay on ``other``'s queue."""
         for spec in other.handlers.values():
             existing = self.handlers.get(spec.name)
             if existing is not None and existing.fn is not spec.fn:
                 raise ConfigError(f"two handlers are registered for {spec.name!r}")
             self.handlers[spec.name] = spec
+        for declared in other.periodics.values():
+            placed = replace(declared, queue=declared.queue or other.settings.name)
+            known = self.periodics.get(declared.schedule_id)
+            if known is not None and known != placed:
+                raise ConfigError(f"two periodic schedules are declared as {placed.schedule_id!r}")
+            self.periodics[declared.schedule_id] = placed
 
     # -- the backend -----------------------------------------------------------------------
 
@@ -278,6 +341,119 @@ class QueueService:
 
         return await enqueue_in_transaction_async(self, conn, name, data, options)
 
+    # -- schedules -------------------------------------------------------------------------
+
+    def build_schedule(
+        self,
+        schedule_id: str,
+        name: str,
+        data: Any = None,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        tz: str | None = None,
+        limit: int | None = None,
+        start_at: datetime | None = None,
+        end_at: datetime | None = None,
+        **options: Any,
+    ) -> NewSchedule:
+        """Check a schedule and its job template; raise before anything is written."""
+        check_template(options)
+        try:
+            job = self.build_job(name, data, **options)
+        except TypeError as exc:
+            raise PayloadError(f"schedule {schedule_id!r}: {exc}") from None
+        return new_schedule(
+            schedule_id,
+            job,
+            cron=cron,
+            every_s=every_s,
+            tz=tz,
+            limit=limit,
+            start_at=start_at,
+            end_at=end_at,
+            now=now_ms(),
+        )
+
+    async def schedule(
+        self,
+        schedule_id: str,
+        name: str,
+        data: Any = None,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        tz: str | None = None,
+        limit: int | None = None,
+        start_at: datetime | None = None,
+        end_at: datetime | None = None,
+        **options: Any,
+    ) -> ScheduleInfo:
+        """Create or replace the schedule ``schedule_id``: jobs ``name`` with ``data``, one per
+        time slot, while a worker of the queue runs.
+
+        Exactly one of ``cron`` (5 fields, or 6 with the second first, as Node.js BullMQ reads
+        them; in ``tz``, UTC by default) and ``every_s`` (seconds; the first run is now, or at
+        ``start_at``). ``limit`` caps the runs (counted from this call), ``start_at`` and
+        ``end_at`` (aware datetimes) bound them. ``options`` are :meth:`enqueue`'s
+        (``priority``, ``attempts``, ``backoff``), applied to every job. Writing a schedule
+        again replaces it: its pending job takes the new settings, and an interval that did not
+        change keeps its phase. Returns the schedule as stored.
+
+        Raises:
+            ConfigError: a bad id, cron pattern (the message names the field), time zone,
+                interval, limit or dates; nothing was written.
+            PayloadError: bad data or job options; nothing was written.
+        """
+        built = self.build_schedule(
+            schedule_id,
+            name,
+            data,
+            cron=cron,
+            every_s=every_s,
+            tz=tz,
+            limit=limit,
+            start_at=start_at,
+            end_at=end_at,
+            **options,
+        )
+        await self.backend.upsert_schedule(built)
+        (stored,) = await self.backend.list_schedules(schedule_id)
+        return stored
+
+    async def unschedule(self, schedule_id: str) -> bool:
+        """Delete a schedule and its pending job (a job of it already running finishes);
+        ``False`` if there was none."""
+        return await self.backend.remove_schedule(schedule_id)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """The queue's schedules, the next to run first (Node.js BullMQ's job schedulers
+        included)."""
+        return await self.backend.list_schedules()
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleInfo | None:
+        """The schedule ``schedule_id``, or ``None``."""
+        found = await self.backend.list_schedules(schedule_id)
+        return found[0] if found else None
+
+    def _build_periodic(self, declared: Periodic) -> NewSchedule:
+        return self.build_schedule(
+            declared.schedule_id, declared.name, declared.data, **declared.options
+        )
+
+    async def _write_periodic(self, served: Sequence[QueueSettings]) -> None:
+        """Write the declared schedules of the served queues (see :func:`write_declared`)."""
+        by_queue = {each.name: each for each in served}
+        await write_declared(
+            [
+                (self.backend.for_queue(queue, by_queue[queue]), declared)
+                for declared in self.periodics.values()
+                if (queue := declared.queue or self.settings.name) in by_queue
+            ],
+            self._build_periodic,
+            self._stop,
+        )
+
     # -- consuming -------------------------------------------------------------------------
 
     async def start_worker(
@@ -342,6 +518,9 @@ class QueueService:
             self.settings.backend,
             ", ".join(sorted(self.handlers)) or "-",
         )
+        # A burst worker drains what is there: it writes no schedule (corral.testing's runs
+        # would otherwise never end).
+        declared = None if burst else asyncio.create_task(self._write_periodic(served))
         try:
             await self.backend.start_consuming(
                 run,
@@ -352,6 +531,9 @@ class QueueService:
                 total_concurrency=total_concurrency,
             )
         finally:
+            if declared is not None:
+                declared.cancel()
+                await asyncio.gather(declared, return_exceptions=True)
             threads.shutdown()
             logger.info("worker stopped: %s", ", ".join(f"queue={each.name!r}" for each in served))
 

@@ -30,6 +30,7 @@ from corral.message import (
     Outcome,
     QueueMessage,
 )
+from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
 
 H = TypeVar("H")
@@ -128,6 +129,14 @@ class QueueBackend(ABC):
           jobs not yet due stay for a later worker.
         - A job that cannot be read (corrupt or foreign data) is failed with the reason and never
           reaches ``dispatch``.
+        - Schedules (:meth:`upsert_schedule`): when a claim makes the job of a schedule's
+          current slot active, the backend writes the job of the schedule's next slot before
+          ``dispatch`` sees it, atomically with the claim where the storage allows (SQLite) and
+          otherwise right after it (BullMQ's ``updateJobScheduler``, as Node.js workers call it).
+          A job that is not the current one (a retry, a redelivery, an earlier slot) writes
+          nothing, and a slot's job id exists once, so each slot gets one job however many
+          workers run. A job of a schedule is never failed for stalling while the schedule
+          exists.
         """
 
     # -- managing --------------------------------------------------------------------------
@@ -156,12 +165,44 @@ class QueueBackend(ABC):
 
         Raises:
             JobActiveError: the job is active (held by a worker); remove it once it finishes.
+            ScheduleConflictError: the job is a schedule's pending job; remove the schedule.
         """
 
     @abstractmethod
     async def promote(self, job_id: str) -> bool:
         """Make a delayed job due now (it waits in its priority's place); ``False`` if there is
         no delayed job with that id."""
+
+    # -- schedules -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def upsert_schedule(self, schedule: NewSchedule) -> None:
+        """Write ``schedule`` and the job of its first slot, replacing a schedule with its id.
+
+        Atomic. The replaced schedule's pending job (not yet started) is deleted; a started one
+        is left to finish. An interval schedule whose interval is unchanged keeps its pending
+        slot (the job is rewritten with the new template), so writing the same schedule twice
+        changes nothing; a new interval starts a new phase at once (or at ``start_at``). A cron
+        schedule's first slot is the first matching time after now (and ``start_at``).
+        Concurrent writes of one schedule leave exactly one pending job.
+
+        Raises:
+            ScheduleConflictError: the slot to write already holds a started or finished job
+                (a cron schedule written again while its job of that second runs).
+        """
+
+    @abstractmethod
+    async def remove_schedule(self, schedule_id: str) -> bool:
+        """Delete a schedule and its pending job; ``False`` if there was none. A job of it that
+        has started finishes, and writes no next job."""
+
+    @abstractmethod
+    async def list_schedules(self, schedule_id: str | None = None) -> list[ScheduleInfo]:
+        """The queue's schedules (or the one with ``schedule_id``), the next to run first.
+
+        Schedules written by others in the backend's layout (Node.js BullMQ's job schedulers)
+        are listed too; legacy BullMQ repeatable jobs are not.
+        """
 
     @abstractmethod
     async def pause(self) -> None:
@@ -178,7 +219,8 @@ class QueueBackend(ABC):
     @abstractmethod
     async def purge(self) -> int:
         """Delete every waiting, delayed, completed and failed job; active jobs are left to
-        finish. Return how many were deleted."""
+        finish, and so are the schedules' current jobs (as BullMQ's clean does). Return how
+        many were deleted."""
 
     # -- moving between queues and backends --------------------------------------------------
 

@@ -32,10 +32,12 @@ from corral.backends.bullmq.protocol import (
     json_object,
     max_attempts,
 )
+from corral.backends.bullmq.schedulers import Schedulers
 from corral.backends.bullmq.source import BullMQSource, now_ms, to_datetime
 from corral.errors import BackendError, JobActiveError
 from corral.message import ImportOutcome, JobInfo, JobRecord, JobState, NewJob
 from corral.payload import decode_lenient
+from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
 
 
@@ -48,6 +50,7 @@ class BullMQBackend(PullBackend):
         self.store = store or RedisStore(settings)
         self.protocol = self.store.protocol
         self.keys = self.protocol.keys.of(settings.name)
+        self.schedulers = Schedulers(self.store, settings)
         self._sources: set[BullMQSource] = set()
 
     def __repr__(self) -> str:
@@ -236,6 +239,9 @@ class BullMQBackend(PullBackend):
             raise JobActiveError(
                 f"job {job_id} is active (held by a worker); remove it once it finishes"
             )
+        refused = Schedulers.refused_removal(job_id, result)
+        if refused is not None:
+            raise refused
         if result < 0:
             raise BackendError(f"BullMQ refused to remove job {job_id} (code {result})")
         return True
@@ -248,6 +254,18 @@ class BullMQBackend(PullBackend):
             self._wake()
             return True
         return False
+
+    # -- schedules -------------------------------------------------------------------------
+
+    async def upsert_schedule(self, schedule: NewSchedule) -> None:
+        await self.schedulers.upsert(schedule)
+        self._wake()
+
+    async def remove_schedule(self, schedule_id: str) -> bool:
+        return await self.schedulers.remove(schedule_id)
+
+    async def list_schedules(self, schedule_id: str | None = None) -> list[ScheduleInfo]:
+        return await self.schedulers.list(schedule_id)
 
     async def pause(self) -> None:
         with self.store.errors("pausing the queue"):

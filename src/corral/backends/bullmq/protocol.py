@@ -400,6 +400,65 @@ class Protocol:
             "cleanJobsInSet", [k[name], k["events"], k["repeat"]], [k[""], cutoff_ms, 0, name]
         )
 
+    # -- job schedulers --------------------------------------------------------------------
+
+    def add_job_scheduler(
+        self,
+        queue: str,
+        scheduler_id: str,
+        *,
+        next_ms: int,
+        scheduler: Mapping[str, Any],
+        data_json: str,
+        template: Mapping[str, Any],
+        first_job: Mapping[str, Any],
+        now: int,
+    ) -> ScriptCall:
+        """Node's ``upsertJobScheduler`` (override): the scheduler hash and its first job.
+        Reply ``[job id, delay]``, or :data:`SCHEDULER_ERRORS`."""
+        k = self.keys.of(queue)
+        names = _names("repeat delayed wait paused meta prioritized marker id events pc active")
+        args = [next_ms, pack(dict(scheduler)), scheduler_id, data_json, pack(dict(template))]
+        args += [pack(dict(first_job)), now, k[""], ""]
+        return ScriptCall("addJobScheduler", [k[n] for n in names], args)
+
+    def update_job_scheduler(
+        self,
+        queue: str,
+        scheduler_id: str,
+        *,
+        next_ms: int,
+        data_json: str,
+        next_job: Mapping[str, Any],
+        now: int,
+        producer_id: str,
+    ) -> ScriptCall:
+        """What Node's worker runs when a scheduler's job becomes active: the next job, if
+        ``producer_id`` is the scheduler's current job. Reply: its id, or nil."""
+        k = self.keys.of(queue)
+        names = _names("repeat delayed wait paused meta prioritized marker id events pc")
+        keys = [k[n] for n in names] + [k[""] + producer_id, k["active"]]
+        args = [next_ms, scheduler_id, data_json, pack(dict(next_job)), now, k[""], producer_id]
+        return ScriptCall("updateJobScheduler", keys, args)
+
+    def remove_job_scheduler(self, queue: str, scheduler_id: str) -> ScriptCall:
+        """Delete a scheduler and its next job if delayed; reply 0, or 1 if there was none."""
+        k = self.keys.of(queue)
+        keys = [k["repeat"], k["delayed"], k["events"]]
+        return ScriptCall("removeJobScheduler", keys, [scheduler_id, k[""]])
+
+
+# -- job schedulers ----------------------------------------------------------------------------
+
+SCHEDULER_ERRORS = {
+    -10: "its slot already has a job (running or finished)",
+    -11: "the next 32 slots already have jobs",
+}
+"""What addJobScheduler's negative replies mean."""
+
+JOB_OF_SCHEDULER = -8
+"""removeJob's reply for the current job of a scheduler."""
+
 
 # -- moving jobs between queues ----------------------------------------------------------------
 #

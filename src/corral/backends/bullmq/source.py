@@ -52,6 +52,7 @@ from corral.backends.bullmq.protocol import (
     parse_next_job,
     stacktrace,
 )
+from corral.backends.bullmq.schedulers import Schedulers
 from corral.errors import BackendError, LeaseLostError
 from corral.message import (
     Completed,
@@ -141,6 +142,7 @@ class BullMQSource(PullSource[Delivery]):
             else None
         )
         self._wait = _Wait()
+        self.schedulers = Schedulers(store, settings)
 
     async def _start(self) -> None:
         """Connect both clients; a failure here is paced and logged by the consumer loop."""
@@ -238,6 +240,7 @@ class BullMQSource(PullSource[Delivery]):
                         claims.append(claim)
                 self._drained = len(claims) < count
                 if claims or self._limit_until_ms <= now_ms() or not self.burst:
+                    await self._advance(claims)
                     return claims
 
     def _take(self, token: str, found: NextJob) -> Claim[Delivery] | None:
@@ -344,7 +347,15 @@ class BullMQSource(PullSource[Delivery]):
             )
         if isinstance(outcome, RetryLater | Released):
             self.wake()
+        await self._advance(fetched)
         return fetched
+
+    async def _advance(self, claims: Sequence[Claim[Delivery]]) -> None:
+        """Write the next jobs of the schedulers whose jobs were just taken, before they run
+        (as Node's worker does when a job becomes active)."""
+        taken = [(claim.job_id, claim.handle.raw) for claim in claims if "rjk" in claim.handle.raw]
+        if taken:
+            await self.schedulers.advance(taken)
 
     def _finish(
         self,

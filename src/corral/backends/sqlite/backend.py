@@ -18,14 +18,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import PullBackend
-from corral.backends.sqlite import transfer
+from corral.backends.sqlite import schedules, transfer
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
-from corral.errors import JobActiveError
+from corral.errors import JobActiveError, ScheduleConflictError
 from corral.message import ImportOutcome, JobInfo, JobRecord, JobState, NewJob
 from corral.payload import decode_lenient
 from corral.retry import Retry
+from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
 
 # One query per state, each answered from that state's partial index.
@@ -161,6 +162,12 @@ class SQLiteBackend(PullBackend):
                 raise JobActiveError(
                     f"job {job_id} is active (a worker holds it); remove it once it finishes"
                 )
+            owner = schedules.is_current(conn, self.queue_name, job_id)
+            if owner is not None:
+                raise ScheduleConflictError(
+                    f"job {job_id} is the pending job of schedule {owner!r}; remove the "
+                    f"schedule instead (unschedule {owner!r})"
+                )
             conn.execute("DELETE FROM jobs WHERE seq = ?", (row[0],))
             return True
 
@@ -182,6 +189,21 @@ class SQLiteBackend(PullBackend):
         if promoted:
             self.db.notify(self.queue_name)
         return promoted
+
+    # -- schedules -------------------------------------------------------------------------
+
+    async def upsert_schedule(self, schedule: NewSchedule) -> None:
+        queue = self.queue_name
+        await self.db.write(lambda conn: schedules.upsert(conn, queue, schedule, now_ms()))
+        self.db.notify(queue)
+
+    async def remove_schedule(self, schedule_id: str) -> bool:
+        queue = self.queue_name
+        return await self.db.write(lambda conn: schedules.remove(conn, queue, schedule_id))
+
+    async def list_schedules(self, schedule_id: str | None = None) -> list[ScheduleInfo]:
+        sql, params = schedules.read_query(self.queue_name, schedule_id)
+        return [schedules.info(self.queue_name, row) for row in self.db.read(sql, params)]
 
     async def pause(self) -> None:
         await self._set_paused(True)
@@ -206,7 +228,9 @@ class SQLiteBackend(PullBackend):
     async def purge(self) -> int:
         def delete(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "DELETE FROM jobs WHERE queue = ? AND state != 'active'", (self.queue_name,)
+                "DELETE FROM jobs WHERE queue = ? AND state != 'active' AND (scheduler IS NULL "
+                f"OR custom_id NOT IN ({schedules.CURRENT_JOBS}))",
+                (self.queue_name, self.queue_name),
             ).rowcount
 
         return await self.db.write(delete)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -56,6 +56,34 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         "ALTER TABLE jobs ADD COLUMN tracebacks TEXT",
         "UPDATE jobs SET tracebacks = json_array(traceback) WHERE traceback IS NOT NULL "
         "AND traceback != ''",
+    ),
+    # Job schedules (corral.schedules): one row per schedule, and the schedule a job was made
+    # by. A schedule's jobs have the ids repeat:<id>:<slot ms>, unique like every custom id.
+    4: (
+        """
+        CREATE TABLE schedulers (
+            queue TEXT NOT NULL,
+            id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            data TEXT NOT NULL,
+            cron TEXT,
+            every_ms INTEGER,
+            tz TEXT,
+            max_runs INTEGER,
+            start_ms INTEGER,
+            end_ms INTEGER,
+            offset_ms INTEGER NOT NULL DEFAULT 0,
+            priority INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 1,
+            backoff TEXT,
+            current_ms INTEGER NOT NULL,
+            count INTEGER NOT NULL DEFAULT 1,
+            iterations INTEGER NOT NULL DEFAULT 1,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (queue, id)
+        )
+        """,
+        "ALTER TABLE jobs ADD COLUMN scheduler TEXT",
     ),
 }
 

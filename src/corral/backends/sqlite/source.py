@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
+from corral.backends.sqlite import schedules
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, trim_finished
 from corral.errors import LeaseLostError
@@ -100,7 +101,10 @@ class SQLiteSource(PullSource[int]):
         return self._claims(rows, token)
 
     def _take(self, conn: sqlite3.Connection, now: int, token: str, max_jobs: int) -> list[Any]:
-        """Promote due delayed jobs and lease up to ``max_jobs`` waiting ones (in a transaction)."""
+        """Promote due delayed jobs and lease up to ``max_jobs`` waiting ones (in a transaction).
+
+        A leased job of a schedule writes the schedule's next job in the same transaction.
+        """
         queue = self.queue
         conn.execute(
             "UPDATE jobs SET state = 'waiting' WHERE queue = ? AND state = 'delayed' "
@@ -110,14 +114,18 @@ class SQLiteSource(PullSource[int]):
         paused = conn.execute("SELECT paused FROM queues WHERE name = ?", (queue,)).fetchone()
         if paused is not None and paused[0]:
             return []
-        return conn.execute(
+        rows = conn.execute(
             "UPDATE jobs SET state = 'active', lease_token = ?, lease_expires_at = ?, "
             "started_at = ? WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
             "state = 'waiting' ORDER BY priority, run_at, seq LIMIT ?) RETURNING "
             "seq, custom_id, name, data, attempts_made, max_attempts, priority, "
-            "enqueued_at, backoff, run_at",
+            "enqueued_at, backoff, run_at, scheduler",
             (token, now + self.lease_ms, now, queue, max_jobs),
         ).fetchall()
+        for row in rows:
+            if row[10] is not None and isinstance(row[1], str):
+                schedules.advance(conn, queue, row[10], row[1], now)
+        return rows
 
     def _claims(self, rows: list[Any], token: str) -> list[Claim[int]]:
         # A foreign row may hold text where numbers belong: it must not break the sort (and
@@ -137,6 +145,7 @@ class SQLiteSource(PullSource[int]):
             enqueued_at,
             backoff,
             _run_at,
+            _scheduler,
         ) = row
         job_id = custom_id if custom_id is not None else str(seq)
         try:
@@ -393,13 +402,16 @@ class SQLiteSource(PullSource[int]):
 
         def housekeeping(conn: sqlite3.Connection) -> tuple[int, int]:
             expired = conn.execute(
-                "SELECT seq, stalls FROM jobs WHERE queue = ? AND state = 'active' AND "
-                "lease_expires_at < ?",
+                "SELECT seq, stalls, scheduler FROM jobs WHERE queue = ? AND state = 'active' "
+                "AND lease_expires_at < ?",
                 (queue, now),
             ).fetchall()
             requeued = failed = 0
-            for seq, stalls in expired:
-                if stalls + 1 > settings.max_stalls:
+            for seq, stalls, scheduler in expired:
+                # As BullMQ: a job of a live schedule is never failed for stalling.
+                if stalls + 1 > settings.max_stalls and not (
+                    scheduler is not None and schedules.schedule_exists(conn, queue, scheduler)
+                ):
                     conn.execute(
                         "UPDATE jobs SET state = 'failed', stalls = stalls + 1, finished_at = ?, "
                         "attempts_made = attempts_made + 1, error = ?, lease_token = NULL, "
