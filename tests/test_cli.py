@@ -330,6 +330,83 @@ def test_purge_asks_first(corral: Corral) -> None:
     assert sum(corral.counts().values()) == 0
 
 
+# -- schedules ----------------------------------------------------------------------------------
+
+
+def test_schedule_schedules_and_unschedule(corral: Corral) -> None:
+    out = corral.ok(
+        "schedule",
+        "nightly",
+        "build_report",
+        '{"kind": "daily"}',
+        "--cron",
+        "0 3 * * *",
+        "--tz",
+        "Europe/Lisbon",
+        "--attempts",
+        "5",
+    )
+    assert out.startswith("schedule nightly: cron 0 3 * * * (Europe/Lisbon), next run ")
+    corral.ok(
+        "schedule",
+        "warmup",
+        "ping",
+        "--every-s",
+        "5",
+        "--limit",
+        "10",
+        "--priority",
+        "2",
+        "--start-at",
+        "2030-01-01T09:00:00+00:00",
+        "--end-at",
+        "2030-01-01T10:00:00+01:00",
+    )
+    listed = {each["id"]: each for each in corral.json("schedules")}
+    assert listed["nightly"]["data"] == {"kind": "daily"} and listed["nightly"]["attempts"] == 5
+    assert (listed["nightly"]["cron"], listed["nightly"]["tz"]) == ("0 3 * * *", "Europe/Lisbon")
+    warmup = listed["warmup"]
+    assert (warmup["every_s"], warmup["limit"], warmup["priority"], warmup["runs"]) == (5, 10, 2, 0)
+    assert warmup["next_run_at"] == warmup["start_at"] == "2030-01-01T09:00:00+00:00"
+    assert warmup["end_at"] == "2030-01-01T09:00:00+00:00"
+    table = corral.ok("schedules")
+    assert "every 5s" in table and "0/10" in table and "Europe/Lisbon" in table
+    assert corral.counts()[JobState.DELAYED] == 2  # each schedule's pending job
+
+    assert "removed schedule warmup" in corral.ok("unschedule", "warmup")
+    assert "no schedule with id 'warmup'" in one_line_error(corral("unschedule", "warmup"))
+    assert [each["id"] for each in corral.json("schedules")] == ["nightly"]
+    assert corral.counts()[JobState.DELAYED] == 1
+
+
+def test_bad_schedules_are_one_line_and_write_nothing(corral: Corral) -> None:
+    refused = [
+        (["--cron", "0 3 * * 9"], "field 5 (day of week) '9' is out of range", 2),
+        (["--cron", "0 3 * * *", "--tz", "Mars/Olympus"], "not a known time zone", 2),
+        (["--cron", "0 3 * * *", "--every-s", "5"], "exactly one of cron", 2),
+        (["--every-s", "0"], "every_s must be a number of seconds > 0", 2),
+        (["--every-s", "5", "--start-at", "tomorrow"], "is not an ISO 8601 time", 1),
+        (["--every-s", "5", "--start-at", "2030-01-01T09:00:00"], "has no UTC offset", 2),
+        (
+            [
+                "--every-s",
+                "5",
+                "--start-at",
+                "2030-01-02T00:00+00:00",
+                "--end-at",
+                "2030-01-01T00:00Z",
+            ],
+            "is before start_at",
+            2,
+        ),
+    ]
+    for args, message, code in refused:
+        line = one_line_error(corral("schedule", "s", "ping", *args), code=code)
+        assert message in line, (args, line)
+    assert corral.ok("schedules").strip() == "no schedules"
+    assert sum(corral.counts().values()) == 0
+
+
 # -- health check and the console script --------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
+from corral._cli_schedules import register as register_schedule_commands
 from corral._cli_tx import move, outbox_app, relay
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
@@ -457,6 +458,9 @@ def purge(
 
     deleted = run(ctx, call)
     out.print(f"deleted {deleted} job(s) from {where}", markup=False)
+
+
+register_schedule_commands(app, run, out)
 
 
 # -- workers ------------------------------------------------------------------------------------
