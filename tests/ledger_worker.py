@@ -30,10 +30,12 @@ def main() -> None:
         os.write(fd, f"done {message.id} {message.attempt} {os.getpid()}\n".encode())
 
     async def run() -> None:
+        await service.counts()  # connected (its backend imported and reachable) before "ready"
         loop = asyncio.get_running_loop()
+        # No await between these and start_worker, which takes a stop request from then on: a
+        # signal handled in between would be forgotten.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop)
-        await service.counts()  # connected (its backend imported and reachable) before "ready"
         os.write(fd, f"ready - - {os.getpid()}\n".encode())
         try:
             await service.start_worker(burst=os.environ.get("LEDGER_BURST") == "1")
