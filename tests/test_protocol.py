@@ -77,6 +77,13 @@ def calls() -> list[ScriptCall]:
         protocol.pause(QUEUE, True),
         protocol.pause(QUEUE, False),
         protocol.clean_set(QUEUE, "completed", 1),
+        protocol.add_job_scheduler(
+            QUEUE, "s", next_ms=1, scheduler={}, data_json="{}", template={}, first_job={}, now=1
+        ),
+        protocol.update_job_scheduler(
+            QUEUE, "s", next_ms=1, data_json="{}", next_job={}, now=1, producer_id="repeat:s:1"
+        ),
+        protocol.remove_job_scheduler(QUEUE, "s"),
     ]
 
 
@@ -96,6 +103,7 @@ def test_every_builder_is_covered() -> None:
         "add_job", "move_to_active", "move_to_finished", "move_to_delayed", "retry_job",
         "release", "extend_locks", "move_stalled", "update_progress", "add_log", "get_state",
         "get_counts", "reprocess_failed", "remove_job", "promote", "pause", "clean_set",
+        "add_job_scheduler", "update_job_scheduler", "remove_job_scheduler",
     }  # fmt: skip
     assert builders == covered, "a new builder needs a case in calls()"
 
@@ -152,6 +160,39 @@ def test_finishing_matches_the_package(package_scripts: Scripts) -> None:
     mine = msgpack.unpackb(ours.args[7])
     for name in ("token", "keepJobs", "limiter", "lockDuration", "attempts"):
         assert mine[name] == theirs[name], name
+
+
+async def test_schedulers_match_the_package(package_scripts: Scripts) -> None:
+    sent: list[tuple[list[Any], list[Any]]] = []
+
+    async def record(keys: list[Any], args: list[Any]) -> Any:
+        sent.append((keys, args))
+        return ["repeat:s:5", 0]
+
+    package_scripts.commands = dict.fromkeys(
+        ("addJobScheduler", "updateJobScheduler", "removeJobScheduler"), record
+    )
+    protocol = Protocol(PREFIX)
+    scheduler = {"name": "n", "every": 300}
+    first = {"repeat": {"every": 300, "count": 1}, "jobId": "repeat:s:5"}
+    await package_scripts.addJobScheduler("s", 5, '{"a":1}', {"attempts": 2}, scheduler, first)
+    ours = protocol.add_job_scheduler(
+        QUEUE, "s", next_ms=5, scheduler=scheduler, data_json='{"a":1}',
+        template={"attempts": 2}, first_job=first, now=sent[0][1][6],
+    )  # fmt: skip
+    assert (ours.keys, ours.args) == sent[0]
+
+    following = {"repeat": {"every": 300, "count": 2}, "repeatJobKey": "s"}
+    await package_scripts.updateJobSchedulerNextMillis("s", 7, "{}", following, "repeat:s:5")
+    ours = protocol.update_job_scheduler(
+        QUEUE, "s", next_ms=7, data_json="{}", next_job=following, now=sent[1][1][4],
+        producer_id="repeat:s:5",
+    )  # fmt: skip
+    assert (ours.keys, ours.args) == sent[1]
+
+    await package_scripts.removeJobScheduler("s")
+    ours = protocol.remove_job_scheduler(QUEUE, "s")
+    assert (ours.keys, ours.args) == sent[2]
 
 
 def test_next_job_replies_are_read_as_the_package_reads_them() -> None:

@@ -258,25 +258,6 @@ def test_intervals_skip_missed_slots_and_keep_their_phase() -> None:
     assert rule.next_ms(10_000, 1, 10_550) == 11_000  # a late job: the next slot after now
 
 
-def test_scheduler_calls_match_the_scripts_keys() -> None:
-    pytest.importorskip("bullmq")
-    from corral.backends.bullmq.protocol import Protocol, declared_key_count
-
-    protocol = Protocol("{bull}")
-    calls = [
-        protocol.add_job_scheduler(
-            "q", "s", next_ms=1, scheduler={}, data_json="{}", template={}, first_job={}, now=1
-        ),
-        protocol.update_job_scheduler(
-            "q", "s", next_ms=1, data_json="{}", next_job={}, now=1, producer_id="repeat:s:1"
-        ),
-        protocol.remove_job_scheduler("q", "s"),
-    ]
-    for call in calls:
-        assert len(call.keys) == declared_key_count(call.script), call.script
-        assert all(key.startswith("{bull}:q:") for key in call.keys)  # one cluster slot
-
-
 # -- the contract, on both backends ---------------------------------------------------------------
 
 
