@@ -34,13 +34,14 @@ from corral import (
     PayloadError,
     QueueMessage,
     QueueService,
+    QueueSettings,
     Retry,
     ScheduleConflictError,
 )
 from corral.cron import check_cron, cron_next
 from corral.schedules import ScheduleRule, every_next, slot_of
 
-from conftest import PYTHON, ROOT, SettingsFactory, missing, python_env
+from conftest import PYTHON, ROOT, SettingsFactory, missing, python_env, unique_queue_name
 
 NODE_DIR = ROOT / "tests" / "node"
 
@@ -457,6 +458,33 @@ async def test_a_schedules_pending_job_survives_purge_and_refuses_remove(
     assert [j.id for j in await service.list_jobs(JobState.DELAYED)] == [job.id]
     assert await service.unschedule("keep")
     assert await service.list_jobs(JobState.DELAYED) == []
+
+
+async def test_moving_a_queue_carries_its_schedules(tmp_path: Path, redis_url: str) -> None:
+    source = QueueService(QueueSettings(sqlite_path=str(tmp_path / "q.db"), name="m"))
+    target_settings = QueueSettings(backend="bullmq", redis_url=redis_url, name=unique_queue_name())
+    async with source, QueueService(target_settings) as target:
+        later = datetime.now(UTC) + timedelta(hours=1)
+        await source.schedule("nightly", "report", {"k": 1}, cron="0 3 * * *", tz="Asia/Tokyo")
+        await source.schedule("beat", "tick", every_s=60, limit=5, start_at=later, attempts=4)
+        dry = await source.move_to(target_settings, dry_run=True)
+        assert dry.schedules == 2 and len(await source.schedules()) == 2
+        report = await source.move_to(target_settings)
+        assert report.schedules == 2 and report.total_moved == 0  # pending jobs went with them
+        assert await source.schedules() == []
+        assert sum((await source.counts()).values()) == 0
+        moved = {each.id: each for each in await target.schedules()}
+        assert (moved["nightly"].cron, moved["nightly"].tz, moved["nightly"].data) == (
+            "0 3 * * *",
+            "Asia/Tokyo",
+            {"k": 1},
+        )
+        assert (moved["beat"].every_s, moved["beat"].limit, moved["beat"].attempts) == (60, 5, 4)
+        assert moved["beat"].next_run_at is not None
+        assert abs(moved["beat"].next_run_at - later) < timedelta(milliseconds=1)
+        assert (await target.counts())[JobState.DELAYED] == 2
+        for schedule_id in moved:
+            await target.unschedule(schedule_id)
 
 
 # -- real processes -------------------------------------------------------------------------------

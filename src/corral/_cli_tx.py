@@ -134,6 +134,8 @@ def _print_report(report: MoveReport, source: QueueSettings, target: QueueSettin
     out.print(f"{verb} {parts} job(s)", markup=False)
     out.print(f"  from {_where(source)}", markup=False)
     out.print(f"  to   {_where(target)}", markup=False)
+    if report.schedules:
+        out.print(f"{verb} {report.schedules} schedule(s)", markup=False)
     if report.already_there:
         what = "are already" if report.dry_run else "were already"
         out.print(

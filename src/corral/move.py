@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from corral.backends.base import QueueBackend
 from corral.errors import ConfigError
 from corral.message import ImportOutcome, JobRecord, JobState
+from corral.schedules import carried_over, now_ms
 
 MOVABLE_STATES = (JobState.WAITING, JobState.DELAYED, JobState.FAILED)
 DEFAULT_BATCH = 500
@@ -116,6 +117,7 @@ async def move_jobs(
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     report = MoveReport(dry_run=dry_run)
     report.active_skipped = (await source.counts())[JobState.ACTIVE]
+    report.schedules = await move_schedules(source, target, dry_run=dry_run)
     for state in states:
         offset = 0
         while True:
@@ -125,7 +127,6 @@ async def move_jobs(
             offset += await _move_batch(source, target, records, report)
             if progress is not None:
                 progress(len(records))
-    report.schedules = await move_schedules(source, target, dry_run=dry_run)
     counts = await source.counts()
     report.left = {state: counts[state] for state in states}
     return report
@@ -172,10 +173,20 @@ async def _move_batch(
 
 
 async def move_schedules(source: QueueBackend, target: QueueBackend, *, dry_run: bool) -> int:
-    """Move the queue's schedules; return how many.
+    """Move the queue's schedules, before its jobs; return how many.
 
-    The extension point for recurring schedules: corral has none yet, so there is nothing to
-    move. Once backends store schedules, this copies each (by its key, idempotently, as jobs
-    are) before the jobs it would produce, then deletes it from the source.
+    Each is written to the target (an upsert: a re-run writes it again, idempotently), then
+    deleted from the source with its pending job, so that job is not moved as a plain job: the
+    target's schedule makes its own. ``limit`` counts the runs left and an interval starts its
+    phase at the move. A schedule that is done (limit reached, end passed) stays in the source.
     """
-    return 0
+    moved = 0
+    for info in await source.list_schedules():
+        schedule = carried_over(info, target.settings, now_ms())
+        if schedule is None:
+            continue
+        if not dry_run:
+            await target.upsert_schedule(schedule)
+            await source.remove_schedule(info.id)
+        moved += 1
+    return moved

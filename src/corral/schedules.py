@@ -22,19 +22,21 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from corral.cron import check_cron, check_tz, cron_next
 from corral.errors import BackendError, ConfigError, PayloadError
+from corral.jobs import new_job
 from corral.message import JSON, NewJob
 from corral.payload import decode_lenient
 from corral.retry import Retry
 
 if TYPE_CHECKING:
     from corral.backends.base import QueueBackend
+    from corral.settings import QueueSettings
 
 logger = logging.getLogger("corral.worker")
 
@@ -270,14 +272,30 @@ def new_schedule(
     return NewSchedule(schedule_id, rule, job)
 
 
-def check_template(options: dict[str, Any]) -> None:
-    """Refuse the enqueue options that make no sense for a schedule's jobs."""
+_RULE_OPTIONS = ("cron", "every_s", "tz", "limit", "start_at", "end_at")
+
+
+def build_schedule(
+    schedule_id: str,
+    name: str,
+    data: JSON,
+    build_job: Callable[..., NewJob],
+    options: dict[str, Any],
+) -> NewSchedule:
+    """Check a schedule: ``options`` are ``schedule()``'s keyword arguments, the rule's and the
+    job options ``build_job`` (``QueueService.build_job``) takes."""
+    rule = {key: options.pop(key, None) for key in _RULE_OPTIONS}
     for option, why in (
         ("job_id", "a schedule's jobs get the ids repeat:<schedule id>:<slot ms>"),
         ("delay_s", "use start_at to delay the first run"),
     ):
         if option in options:
             raise PayloadError(f"{option} is not an option of schedule(): {why}")
+    try:
+        job = build_job(name, data, **options)
+    except TypeError as exc:
+        raise PayloadError(f"schedule {schedule_id!r}: {exc}") from None
+    return new_schedule(schedule_id, job, **rule, now=now_ms())
 
 
 def _iso(ms: int) -> str:
@@ -304,6 +322,66 @@ class Periodic:
     """The keyword arguments of ``schedule()``: cron or every_s, tz, limit, dates, priority..."""
     queue: str | None = None
     """The queue it belongs to; ``None``: the declaring service's."""
+
+
+def carried_over(info: ScheduleInfo, settings: QueueSettings, now: int) -> NewSchedule | None:
+    """``info`` as a schedule to write elsewhere (moving a queue to ``settings``), or ``None``
+    if it is done (its limit reached, its end passed): nothing of it is left to run. Its
+    ``limit`` counts the runs left; an interval starts its phase anew."""
+    limit = None if info.limit is None else info.limit - info.runs
+    if (limit is not None and limit < 1) or (info.next_run_at is None and info.runs > 0):
+        return None
+    job = new_job(
+        info.name,
+        info.data,
+        delay_s=0,
+        priority=info.priority,
+        attempts=info.attempts,
+        backoff=info.backoff or Retry.fixed(0),  # a job without one retries at once
+        job_id=None,
+        queue=None,
+        max_payload_bytes=settings.max_payload_bytes,
+        safe_integers=settings.backend == "bullmq" and not settings.allow_unsafe_integers,
+    )
+    try:
+        return new_schedule(
+            info.id,
+            job,
+            cron=info.cron,
+            every_s=info.every_s,
+            tz=info.tz if info.cron else None,
+            limit=limit,
+            start_at=info.start_at,
+            end_at=info.end_at,
+            now=now,
+        )
+    except ConfigError:  # e.g. its end_at passed since it was written
+        return None
+
+
+def include_periodics(into: dict[str, Periodic], declared: Iterable[Periodic], queue: str) -> None:
+    """Add ``declared`` (of a service of ``queue``) to a worker's periodic schedules."""
+    for periodic in declared:
+        placed = replace(periodic, queue=periodic.queue or queue)
+        known = into.get(periodic.schedule_id)
+        if known is not None and known != placed:
+            raise ConfigError(f"two periodic schedules are declared as {placed.schedule_id!r}")
+        into[periodic.schedule_id] = placed
+
+
+def periodic_writes(
+    backend: QueueBackend,
+    periodics: Mapping[str, Periodic],
+    default_queue: str,
+    served: Sequence[QueueSettings],
+) -> list[tuple[QueueBackend, Periodic]]:
+    """The declared schedules of the queues a worker serves, each with its queue's backend."""
+    by_queue = {each.name: each for each in served}
+    return [
+        (backend.for_queue(queue, by_queue[queue]), periodic)
+        for periodic in periodics.values()
+        if (queue := periodic.queue or default_queue) in by_queue
+    ]
 
 
 async def write_declared(

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,9 +20,9 @@ from corral.schedules import (
     NewSchedule,
     Periodic,
     ScheduleInfo,
-    check_template,
-    new_schedule,
-    now_ms,
+    build_schedule,
+    include_periodics,
+    periodic_writes,
     write_declared,
 )
 from corral.settings import QueueSettings
@@ -110,34 +109,26 @@ class QueueService:
         self,
         schedule_id: str,
         *,
-        cron: str | None = None,
-        every_s: float | None = None,
-        tz: str | None = None,
         data: Any = None,
         name: str | None = None,
         timeout_s: float | None = None,
         **options: Any,
     ) -> Callable[[H], H]:
-        """Register the decorated function as a handler and the schedule that runs it.
-
-        The job name is ``name`` (default: ``schedule_id``). Workers of this service's queue
-        write the schedule when they start (unless ``burst``), so deploying the code is
-        enough; one that finds it unchanged leaves it as it is. ``options`` are those of
-        :meth:`schedule` (``limit``, ``start_at``, ``end_at``, ``priority``, ``attempts``,
-        ``backoff``). Removing the decorator does not delete the schedule: ``unschedule`` it.
+        """Register the decorated function as the handler of a schedule's jobs (named ``name``,
+        by default ``schedule_id``) and the schedule: ``options`` are :meth:`schedule`'s
+        (``cron`` or ``every_s``, ``tz``, ``limit``, ``attempts``, ...). Workers of the queue
+        write it when they start (not ``burst`` ones) if it is missing or different, so
+        deploying the code is enough; removing the decorator does not delete it.
 
         Raises:
             ConfigError, PayloadError: the schedule is not valid (checked now).
         """
-        job_name = name if name is not None else schedule_id
-        declared = Periodic(
-            schedule_id, job_name, data, {"cron": cron, "every_s": every_s, "tz": tz, **options}
-        )
+        declared = Periodic(schedule_id, name if name is not None else schedule_id, data, options)
         self._build_periodic(declared)  # refuse a bad schedule at import, not in the worker
         if schedule_id in self.periodics:
             raise ConfigError(f"a periodic schedule {schedule_id!r} is already declared")
         register = self.handler(
-            job_name,
+            declared.name,
             attempts=options.get("attempts"),
             backoff=options.get("backoff"),
             timeout_s=timeout_s,
@@ -158,12 +149,7 @@ class QueueService:
             if existing is not None and existing.fn is not spec.fn:
                 raise ConfigError(f"two handlers are registered for {spec.name!r}")
             self.handlers[spec.name] = spec
-        for declared in other.periodics.values():
-            placed = replace(declared, queue=declared.queue or other.settings.name)
-            known = self.periodics.get(declared.schedule_id)
-            if known is not None and known != placed:
-                raise ConfigError(f"two periodic schedules are declared as {placed.schedule_id!r}")
-            self.periodics[declared.schedule_id] = placed
+        include_periodics(self.periodics, other.periodics.values(), other.settings.name)
 
     # -- the backend -----------------------------------------------------------------------
 
@@ -344,36 +330,10 @@ class QueueService:
     # -- schedules -------------------------------------------------------------------------
 
     def build_schedule(
-        self,
-        schedule_id: str,
-        name: str,
-        data: Any = None,
-        *,
-        cron: str | None = None,
-        every_s: float | None = None,
-        tz: str | None = None,
-        limit: int | None = None,
-        start_at: datetime | None = None,
-        end_at: datetime | None = None,
-        **options: Any,
+        self, schedule_id: str, name: str, data: Any = None, **options: Any
     ) -> NewSchedule:
-        """Check a schedule and its job template; raise before anything is written."""
-        check_template(options)
-        try:
-            job = self.build_job(name, data, **options)
-        except TypeError as exc:
-            raise PayloadError(f"schedule {schedule_id!r}: {exc}") from None
-        return new_schedule(
-            schedule_id,
-            job,
-            cron=cron,
-            every_s=every_s,
-            tz=tz,
-            limit=limit,
-            start_at=start_at,
-            end_at=end_at,
-            now=now_ms(),
-        )
+        """Check a schedule (:meth:`schedule`'s arguments); raise before anything is written."""
+        return build_schedule(schedule_id, name, data, self.build_job, options)
 
     async def schedule(
         self,
@@ -390,33 +350,22 @@ class QueueService:
         **options: Any,
     ) -> ScheduleInfo:
         """Create or replace the schedule ``schedule_id``: jobs ``name`` with ``data``, one per
-        time slot, while a worker of the queue runs.
+        time slot, while a worker of the queue runs; return it as stored.
 
         Exactly one of ``cron`` (5 fields, or 6 with the second first, as Node.js BullMQ reads
-        them; in ``tz``, UTC by default) and ``every_s`` (seconds; the first run is now, or at
-        ``start_at``). ``limit`` caps the runs (counted from this call), ``start_at`` and
-        ``end_at`` (aware datetimes) bound them. ``options`` are :meth:`enqueue`'s
-        (``priority``, ``attempts``, ``backoff``), applied to every job. Writing a schedule
-        again replaces it: its pending job takes the new settings, and an interval that did not
-        change keeps its phase. Returns the schedule as stored.
+        them; in ``tz``, UTC by default) and ``every_s`` (the first run is now, or at
+        ``start_at``). ``limit`` caps the runs counted from this call; ``start_at`` and
+        ``end_at`` (aware datetimes) bound them; ``options`` are :meth:`enqueue`'s
+        (``priority``, ``attempts``, ``backoff``), for every job. Writing it again replaces it;
+        an unchanged interval keeps its phase. See :mod:`corral.schedules`.
 
         Raises:
-            ConfigError: a bad id, cron pattern (the message names the field), time zone,
-                interval, limit or dates; nothing was written.
-            PayloadError: bad data or job options; nothing was written.
+            ConfigError: a bad id, cron pattern (naming the field), zone, interval, limit or
+                dates; PayloadError: bad data or job options. Nothing was written.
         """
-        built = self.build_schedule(
-            schedule_id,
-            name,
-            data,
-            cron=cron,
-            every_s=every_s,
-            tz=tz,
-            limit=limit,
-            start_at=start_at,
-            end_at=end_at,
-            **options,
-        )
+        rule: dict[str, Any] = {"cron": cron, "every_s": every_s, "tz": tz, "limit": limit}
+        rule.update(start_at=start_at, end_at=end_at)
+        built = self.build_schedule(schedule_id, name, data, **rule, **options)
         await self.backend.upsert_schedule(built)
         (stored,) = await self.backend.list_schedules(schedule_id)
         return stored
@@ -439,19 +388,6 @@ class QueueService:
     def _build_periodic(self, declared: Periodic) -> NewSchedule:
         return self.build_schedule(
             declared.schedule_id, declared.name, declared.data, **declared.options
-        )
-
-    async def _write_periodic(self, served: Sequence[QueueSettings]) -> None:
-        """Write the declared schedules of the served queues (see :func:`write_declared`)."""
-        by_queue = {each.name: each for each in served}
-        await write_declared(
-            [
-                (self.backend.for_queue(queue, by_queue[queue]), declared)
-                for declared in self.periodics.values()
-                if (queue := declared.queue or self.settings.name) in by_queue
-            ],
-            self._build_periodic,
-            self._stop,
         )
 
     # -- consuming -------------------------------------------------------------------------
@@ -520,7 +456,10 @@ class QueueService:
         )
         # A burst worker drains what is there: it writes no schedule (corral.testing's runs
         # would otherwise never end).
-        declared = None if burst else asyncio.create_task(self._write_periodic(served))
+        declared = None
+        if not burst and self.periodics:
+            writes = periodic_writes(self.backend, self.periodics, self.settings.name, served)
+            declared = asyncio.create_task(write_declared(writes, self._build_periodic, self._stop))
         try:
             await self.backend.start_consuming(
                 run,
