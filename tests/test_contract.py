@@ -497,3 +497,12 @@ async def test_a_result_node_cannot_read_fails_the_job_on_redis(
             assert job.state is JobState.FAILED and "handler result" in (job.error or "")
         else:
             assert (job.state, job.result) == (JobState.COMPLETED, 2**60)
+
+
+async def test_a_stop_before_the_worker_starts_is_not_lost(service: QueueService) -> None:
+    await service.enqueue("x", 1)
+    service.stop()
+    await asyncio.wait_for(service.start_worker(), 10)  # returns at once, runs nothing
+    assert (await service.counts())[JobState.WAITING] == 1
+    await service.start_worker(burst=True)  # the next run is a normal one
+    assert (await service.counts())[JobState.FAILED] == 1  # no handler for 'x'

@@ -422,7 +422,6 @@ class QueueService:
                 "no handlers are registered; every job will fail "
                 "(pass task modules with QUEUE_TASKS or `corral worker MODULE`)"
             )
-        self._stop = asyncio.Event()
         self.stuck = None
         slots = sum(each.concurrency for each in served)
         if total_concurrency is not None:
@@ -474,6 +473,7 @@ class QueueService:
                 declared.cancel()
                 await asyncio.gather(declared, return_exceptions=True)
             threads.shutdown()
+            self._stop = asyncio.Event()  # a fresh one for the next run (and its event loop)
             logger.info("worker stopped: %s", ", ".join(f"queue={each.name!r}" for each in served))
 
     def _served(
@@ -495,7 +495,8 @@ class QueueService:
         return served
 
     def stop(self) -> None:
-        """Ask a running worker to stop claiming and shut down gracefully (signal-safe)."""
+        """Ask a running worker to stop claiming and shut down gracefully (signal-safe). Called
+        before :meth:`start_worker`, it makes that run stop at once (a signal during start-up)."""
         self._stop.set()
 
     async def _enqueue_to(self, queue: str, name: str, data: Any = None, **options: Any) -> str:
