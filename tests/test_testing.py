@@ -83,3 +83,21 @@ def test_the_private_queue_is_gone_afterwards() -> None:
 
     assert asyncio.run(use()) == 1
     assert asyncio.run(use()) == 1  # a fresh queue each time
+
+
+async def test_a_schedule_s_future_slots_are_not_fast_forwarded() -> None:
+    service = QueueService(QueueSettings(sqlite_path="never-created.db"))
+    ran: list[int] = []
+
+    @service.handler("tick")
+    async def tick(message: QueueMessage) -> None:
+        ran.append(1)
+
+    async with isolated(service) as jobs:
+        await service.schedule("ticker", "tick", every_s=3600)
+        job_id = await service.enqueue("other", None, delay_s=7200)
+        done = await jobs.run()  # ends: the hourly slots are left for their time
+        assert job_id in done  # an ordinary delayed job still runs at once
+        assert len(ran) <= 1
+        schedules = await service.schedules()
+        assert [s.id for s in schedules] == ["ticker"]

@@ -52,9 +52,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+SLOT_JOB_PREFIX = "repeat:"
+"""How the ids of schedules' jobs begin (BullMQ's scheduler job ids)."""
+
+
 def slot_job_id(schedule_id: str, slot_ms: int) -> str:
     """The id of a schedule's job for the slot at ``slot_ms`` (BullMQ's scheduler job id)."""
-    return f"repeat:{schedule_id}:{slot_ms}"
+    return f"{SLOT_JOB_PREFIX}{schedule_id}:{slot_ms}"
 
 
 def slot_of(job_id: str, schedule_id: str) -> int | None:

@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager
 from corral._sync import SyncRunner
 from corral.errors import ConfigError
 from corral.message import JobInfo, JobState
+from corral.schedules import SLOT_JOB_PREFIX
 from corral.service import QueueService
 from corral.settings import QueueSettings
 
@@ -52,8 +53,9 @@ class JobRunner:
         this call, by id (completed and failed ones; each with its result or error).
 
         Delayed jobs and retries after a backoff run without waiting: whenever nothing is
-        ready, the earliest delayed jobs are made due. A job whose handler keeps enqueuing
-        more jobs stops the run after ``max_rounds`` rounds with a RuntimeError.
+        ready, the earliest delayed jobs are made due. A schedule's next slots are not: a
+        schedule never ends, so its jobs run when they are due. A job whose handler keeps
+        enqueuing more jobs stops the run after ``max_rounds`` rounds with a RuntimeError.
         """
         service = self.service
         before = await self._finished_ids()
@@ -88,7 +90,11 @@ class JobRunner:
 
     async def _promote_earliest(self) -> bool:
         """Make the earliest delayed jobs due (the clock jumps to them); ``False`` if none."""
-        delayed = await self.service.list_jobs(JobState.DELAYED, limit=1000)
+        delayed = [
+            job
+            for job in await self.service.list_jobs(JobState.DELAYED, limit=1000)
+            if not job.id.startswith(SLOT_JOB_PREFIX)
+        ]
         if not delayed:
             return False
         first = min(job.run_at for job in delayed if job.run_at is not None)
