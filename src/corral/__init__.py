@@ -17,7 +17,8 @@ from corral.errors import (
     TaskModuleError,
     UnrecoverableError,
 )
-from corral.message import JobInfo, JobState, QueueMessage
+from corral.flows import FlowJob, FlowNode, chain, chord
+from corral.message import Child, ChildStatus, JobInfo, JobRef, JobState, QueueMessage
 from corral.retry import Retry
 from corral.schedules import ScheduleInfo
 from corral.service import QueueService
@@ -29,12 +30,17 @@ __all__ = [
     "BackendAuthError",
     "BackendConnectionError",
     "BackendError",
+    "Child",
+    "ChildStatus",
     "ConfigError",
     "CorralError",
+    "FlowJob",
+    "FlowNode",
     "HandlerTimeoutError",
     "JobActiveError",
     "JobInfo",
     "JobNotFoundError",
+    "JobRef",
     "JobState",
     "LeaseLostError",
     "MissingDependencyError",
@@ -49,4 +55,6 @@ __all__ = [
     "TaskModuleError",
     "UnrecoverableError",
     "__version__",
+    "chain",
+    "chord",
 ]

@@ -40,6 +40,10 @@ class ScheduleConflictError(BackendError):
     (unschedule it), or the time slot a schedule would write already has a job."""
 
 
+class ChildrenPendingError(CorralError):
+    """A parent job cannot complete: children of it are still pending or failed it."""
+
+
 class MissingDependencyError(ConfigError):
     """A setting needs a package that is not installed; the message names the pip command."""
 

@@ -22,8 +22,8 @@ from corral.message import (
     Failed,
     Outcome,
     QueueMessage,
-    RetryLater,
     attempt_text,
+    failed_attempt,
 )
 from corral.payload import encode_payload
 from corral.retry import Retry
@@ -213,9 +213,9 @@ class Dispatcher:
     def failure(self, message: QueueMessage, exc: BaseException) -> Outcome:
         error = f"{type(exc).__name__}: {exc}"
         trace = "".join(traceback.format_exception(exc))
-        final = isinstance(exc, UnrecoverableError) or message.attempt >= message.max_attempts
+        outcome = failed_attempt(message, error, trace, final=isinstance(exc, UnrecoverableError))
         attempt = attempt_text(message.attempt, message.max_attempts)
-        if final:
+        if isinstance(outcome, Failed):
             logger.error(
                 "job %s %r %s failed for good: %s",
                 message.id,
@@ -224,15 +224,14 @@ class Dispatcher:
                 error,
                 extra={**job_fields(message), "traceback": trace},
             )
-            return Failed(error, trace)
-        delay_ms = message.backoff.delay_for(message.attempt) if message.backoff else 0
+            return outcome
         logger.warning(
             "job %s %r %s failed, retry in %d ms: %s",
             message.id,
             message.name,
             attempt,
-            delay_ms,
+            outcome.delay_ms,
             error,
             extra={**job_fields(message), "traceback": trace},
         )
-        return RetryLater(error, trace, delay_ms)
+        return outcome

@@ -20,6 +20,8 @@ class JobState(enum.StrEnum):
     """Where a job is in its life. The values are BullMQ's state names."""
 
     WAITING = "waiting"
+    WAITING_CHILDREN = "waiting-children"
+    """A parent in a flow, waiting until every one of its children has settled."""
     DELAYED = "delayed"
     ACTIVE = "active"
     COMPLETED = "completed"
@@ -45,6 +47,79 @@ class NewJob:
     """Target queue; ``None`` means the backend's own queue (used for dead letters)."""
 
 
+class ChildPolicy(enum.StrEnum):
+    """What a child's failure (for good) does to its parent: BullMQ's four flow options."""
+
+    FAIL = "fail"
+    """The parent fails at once, without running (``failParentOnFailure``)."""
+    CONTINUE = "continue"
+    """The parent runs at once, even with other children pending (``continueParentOnFailure``)."""
+    IGNORE = "ignore"
+    """The failure is recorded; the parent waits for the others (``ignoreDependencyOnFailure``)."""
+    REMOVE = "remove"
+    """The child no longer counts; nothing is recorded (``removeDependencyOnFailure``)."""
+
+
+@dataclass(slots=True)
+class FlowEntry:
+    """One job of a flow about to be written by :meth:`QueueBackend.enqueue_flow`."""
+
+    job: NewJob
+    """The validated job; its ``queue`` is always set."""
+    parent: int | None
+    """Index of the parent's entry (entries are in pre-order: a parent before its children)."""
+    on_failure: ChildPolicy
+    """What this job failing for good does to its parent (unused for the root)."""
+    has_children: bool
+    """It waits in ``waiting-children`` until its children have settled."""
+
+
+@dataclass(slots=True)
+class FlowWrite:
+    """What :meth:`QueueBackend.enqueue_flow` wrote."""
+
+    ids: list[str | None]
+    """Each entry's job id; ``None`` for entries under a reused job (not written)."""
+    existed: bool = False
+    """The root's ``job_id`` named an existing job: nothing was written."""
+
+
+class ChildStatus(enum.StrEnum):
+    """Where a child stands for its parent."""
+
+    PENDING = "pending"
+    """Not settled yet: the parent waits for it."""
+    COMPLETED = "completed"
+    """Completed; its result is one of the parent's ``children_results()``."""
+    IGNORED = "ignored"
+    """Failed with ``continue`` or ``ignore``: one of the parent's ``children_failures()``."""
+    FAILED = "failed"
+    """Failed with ``fail``: it failed the parent."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """A job of some queue of the same storage."""
+
+    queue: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """One child of a parent job and its status for that parent."""
+
+    queue: str
+    id: str
+    status: ChildStatus
+    name: str | None = None
+    """``None`` when the child job itself is gone (removed or trimmed; its result stays)."""
+    result: JSON = None
+    """The child's result (``COMPLETED``)."""
+    error: str | None = None
+    """Why it failed (``IGNORED`` and ``FAILED``)."""
+
+
 @dataclass(slots=True)
 class QueueMessage:
     """One delivery of a job to a handler.
@@ -68,6 +143,7 @@ class QueueMessage:
     _log: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     _max_bytes: int = field(default=1_048_576, repr=False)
     _enqueue: Callable[..., Awaitable[str]] | None = field(default=None, repr=False)
+    _children: Callable[[], Awaitable[list[Child]]] | None = field(default=None, repr=False)
 
     async def progress(self, value: JSON) -> None:
         """Record the job's progress: a number (0-100) or any JSON value.
@@ -105,6 +181,24 @@ class QueueMessage:
         if self._enqueue is None:
             raise RuntimeError("this message was not delivered by a worker; use service.enqueue")
         return await self._enqueue(self.queue, name, data, **options)
+
+    async def children(self) -> list[Child]:
+        """This job's children in a flow (see :meth:`QueueService.enqueue_flow`) and where each
+        stands; empty for a job without children."""
+        if self._children is None:
+            return []
+        return await self._children()
+
+    async def children_results(self) -> dict[str, JSON]:
+        """``{child job id: result}`` of the children that completed (a parent's handler)."""
+        return {c.id: c.result for c in await self.children() if c.status is ChildStatus.COMPLETED}
+
+    async def children_failures(self) -> dict[str, str]:
+        """``{child job id: error}`` of the children whose failure the parent runs with
+        (``on_child_failure="ignore"`` or ``"continue"``)."""
+        return {
+            c.id: c.error or "" for c in await self.children() if c.status is ChildStatus.IGNORED
+        }
 
     @property
     def is_last_attempt(self) -> bool:
@@ -151,6 +245,18 @@ class Released:
 
 Outcome = Completed | RetryLater | Failed | Released
 
+
+def failed_attempt(
+    message: QueueMessage, error: str, traceback: str, *, final: bool = False
+) -> RetryLater | Failed:
+    """The outcome of a failed attempt: another one after the backoff if attempts remain (and
+    the failure is not ``final``), else the job fails for good."""
+    if final or message.attempt >= message.max_attempts:
+        return Failed(error, traceback)
+    delay_ms = message.backoff.delay_for(message.attempt) if message.backoff else 0
+    return RetryLater(error, traceback, delay_ms)
+
+
 Dispatch = Callable[[QueueMessage], Awaitable[Outcome]]
 """What a backend calls for each delivery; the service's dispatcher (handler lookup, timeouts,
 retry arithmetic) lives above the backends and is the same for all of them."""
@@ -180,6 +286,8 @@ class JobInfo:
     """Every failed attempt's stack trace, oldest first (BullMQ's ``stacktrace`` list)."""
     progress: JSON = 0
     logs: list[str] = field(default_factory=list)
+    parent: JobRef | None = None
+    """The job's parent in a flow, if it has one."""
 
 
 @dataclass(slots=True)

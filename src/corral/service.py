@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
+from corral.flows import FlowJob, FlowNode, plan_flow, read_flow, write_flow
 from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, is_async
 from corral.jobs import check_attempts, check_name, new_job
-from corral.message import JobInfo, JobState, NewJob, Outcome, QueueMessage
+from corral.message import Child, JobInfo, JobRef, JobState, NewJob, Outcome, QueueMessage
 from corral.retry import Retry
 from corral.schedules import (
     NewSchedule,
@@ -327,6 +328,28 @@ class QueueService:
 
         return await enqueue_in_transaction_async(self, conn, name, data, options)
 
+    async def enqueue_flow(self, flow: FlowJob | Mapping[str, Any]) -> FlowNode:
+        """Add a tree of jobs, across queues, atomically; return its ids in the same shape.
+
+        A job with children waits (``waiting-children``) until every child has settled, then
+        runs; its handler reads them with ``await message.children_results()`` and
+        ``message.children_failures()``. ``flow`` is a :class:`~corral.flows.FlowJob` (or the
+        same as a mapping, see ``FlowJob.from_dict``). If the root's ``job_id`` names an existing
+        job, nothing is added and the stored flow is returned.
+
+        Raises:
+            PayloadError: a bad job or option anywhere in the tree, a job id used twice, an
+                unusable queue name, more jobs than ``max_flow_jobs``, or a ``job_id`` of a job
+                that already belongs to another flow; nothing was written.
+        """
+        return await write_flow(self.backend, plan_flow(self, flow))
+
+    def enqueue_flow_sync(self, flow: FlowJob | Mapping[str, Any]) -> FlowNode:
+        """:meth:`enqueue_flow` for synchronous code."""
+        plan = plan_flow(self, flow)
+        node: FlowNode = self._sync.run(lambda backend: write_flow(backend, plan))
+        return node
+
     # -- schedules -------------------------------------------------------------------------
 
     def build_schedule(
@@ -510,6 +533,17 @@ class QueueService:
     async def get_job(self, job_id: str) -> JobInfo | None:
         """The job's state, attempts, result or error with tracebacks, progress and logs."""
         return await self.backend.get_job(job_id)
+
+    async def get_children(self, job_id: str) -> list[Child]:
+        """The children of a job in a flow and where each stands for it (pending, completed
+        with its result, failed with its error)."""
+        return await self.backend.children(job_id)
+
+    async def get_flow(self, job_id: str, *, queue: str | None = None) -> FlowNode | None:
+        """The flow under the job ``job_id`` (of ``queue``, by default this service's) as
+        stored, or ``None`` if there is no such job."""
+        root = JobRef(queue if queue is not None else self.settings.name, job_id)
+        return await read_flow(self.backend, root, limit=self.settings.max_flow_jobs)
 
     async def list_jobs(
         self, state: JobState | str, *, limit: int = 50, offset: int = 0

@@ -13,8 +13,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from corral.errors import BackendAuthError, BackendConnectionError, LeaseLostError
-from corral.message import Dispatch, Failed, Outcome, Released
+from corral.errors import (
+    BackendAuthError,
+    BackendConnectionError,
+    ChildrenPendingError,
+    LeaseLostError,
+)
+from corral.message import Dispatch, Failed, Outcome, Released, failed_attempt
 
 if TYPE_CHECKING:
     from corral.backends.base import Claim, PullSource
@@ -78,7 +83,15 @@ async def consume(
             return
         fetch_next = fetch_next_allowed and not stop.is_set() and not isinstance(outcome, Released)
         try:
-            more = await queue.source.settle(claim, outcome, fetch_next=fetch_next)
+            try:
+                more = await queue.source.settle(claim, outcome, fetch_next=fetch_next)
+            except ChildrenPendingError as exc:
+                # A parent released early (on_child_failure="continue") or retried by hand
+                # while children are unsettled: that attempt fails, as BullMQ's worker does.
+                assert claim.message is not None
+                retry = failed_attempt(claim.message, str(exc), "")
+                logger.warning("job %s: %s", claim.job_id, exc)
+                more = await queue.source.settle(claim, retry, fetch_next=fetch_next)
             hold(queue, more)  # before the slot is freed, so nothing claims it twice
         except LeaseLostError as exc:
             logger.warning("job %s: %s", claim.job_id, exc)
@@ -99,7 +112,13 @@ async def consume(
 
     async def run(claim: Claim[Any], task: asyncio.Task[Any]) -> None:
         if claim.message is None:
-            await settle(claim, Failed(f"unreadable job: {claim.unreadable}", ""))
+            if claim.deferred_failure is not None:
+                logger.error(
+                    "job %s failed without running: %s", claim.job_id, claim.deferred_failure
+                )
+                await settle(claim, Failed(claim.deferred_failure, ""))
+            else:
+                await settle(claim, Failed(f"unreadable job: {claim.unreadable}", ""))
             return
         running[claim] = task
         try:

@@ -21,7 +21,10 @@ from typing import Any, Generic, TypeVar
 
 from corral.backends._consume import consume
 from corral.message import (
+    Child,
     Dispatch,
+    FlowEntry,
+    FlowWrite,
     ImportOutcome,
     JobInfo,
     JobRecord,
@@ -99,6 +102,43 @@ class QueueBackend(ABC):
         the existing job is not changed.
         """
 
+    @abstractmethod
+    async def enqueue_flow(self, entries: Sequence[FlowEntry]) -> FlowWrite:
+        """Write a flow: ``entries`` in pre-order (each parent before its children), every job
+        with its ``queue`` set; the queues are any of this storage. Return the ids written.
+
+        Atomic, as :meth:`enqueue`: every job of the flow or none. A job with children is
+        *waiting-children* until each child has *settled*; then it is released (waiting, or
+        delayed by its ``delay_ms`` counted from then) and runs like any job. A child settles
+        when it completes (its result is recorded for the parent, and kept after the child
+        itself is removed or trimmed) or fails for good, when its ``on_failure`` applies:
+
+        - ``FAIL``: the failure is recorded and the parent is released at once to fail without
+          running (its reason: ``child <queue>:<id> failed``, BullMQ's ``defa``); the parent's
+          own failure then applies to its parent.
+        - ``CONTINUE``: the failure is recorded and the parent is released at once, even with
+          other children pending.
+        - ``IGNORE``: the failure is recorded; the parent is released once no child is pending.
+        - ``REMOVE``: nothing is recorded; the parent is released once no child is pending.
+
+        Settling a child and releasing its parent happen in one atomic step with recording the
+        child's outcome: no crash can leave a parent waiting for a child that has settled. A
+        parent cannot complete while a child is pending or failed it: settling it ``Completed``
+        then raises :class:`~corral.errors.ChildrenPendingError` and changes nothing (the
+        worker loop fails that attempt instead). A child retried by :meth:`retry_failed` is
+        pending again for its parent; removing a pending child releases its parent if it was
+        the last one.
+
+        Existing ids: if the root's ``job_id`` names an existing job, nothing is written and the
+        result says so (``existed``). A non-root ``job_id`` naming an existing job that belongs
+        to no flow *attaches* that job as the child (completed: its result counts at once;
+        otherwise the parent waits for it) and its entries below are not written (``None``).
+
+        Raises:
+            PayloadError: a ``job_id`` names a job that already has a parent, or one that failed;
+                nothing was written.
+        """
+
     # -- consuming -------------------------------------------------------------------------
 
     @abstractmethod
@@ -144,6 +184,12 @@ class QueueBackend(ABC):
     @abstractmethod
     async def get_job(self, job_id: str) -> JobInfo | None:
         """The job with ``job_id`` in this queue, or ``None`` if there is none."""
+
+    @abstractmethod
+    async def children(self, job_id: str) -> list[Child]:
+        """The children of the job ``job_id`` of this queue, with their status for it; empty for
+        a job without children, or no such job. Settled children come with their result or
+        error, also after the child job itself was removed; removed pending ones are gone."""
 
     @abstractmethod
     async def list_jobs(
@@ -276,9 +322,10 @@ class QueueBackend(ABC):
 class Claim(Generic[H]):
     """A job this worker holds a lease on.
 
-    ``message`` is ``None`` when the job was unreadable, in which case ``unreadable`` says why
-    and the job is failed without running. ``handle`` is the backend's own state carried from
-    claim to settle.
+    ``message`` is ``None`` when the job must fail without running: ``deferred_failure`` says
+    why when the job was marked to fail (a child failed it, or it stalled too often), else
+    ``unreadable`` says what in it cannot be read. ``handle`` is the backend's own state carried
+    from claim to settle.
     """
 
     job_id: str
@@ -286,6 +333,7 @@ class Claim(Generic[H]):
     message: QueueMessage | None
     handle: H
     unreadable: str | None = None
+    deferred_failure: str | None = None
 
 
 class PullSource(ABC, Generic[H]):
@@ -308,6 +356,9 @@ class PullSource(ABC, Generic[H]):
         self, claim: Claim[H], outcome: Outcome, *, fetch_next: bool = False
     ) -> list[Claim[H]]:
         """Apply ``outcome`` if ``claim``'s lease is still held, else raise LeaseLostError.
+
+        ``Completed`` for a parent with children pending (or that failed it) raises
+        ChildrenPendingError and changes nothing; the lease is still held.
 
         With ``fetch_next`` the source may lease the next ready job in the same round trip
         (BullMQ's fetch-next) and return it: the caller then holds it as if it came from

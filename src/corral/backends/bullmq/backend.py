@@ -7,7 +7,8 @@ the payload's JSON verbatim, options in BullMQ's names (``attempts``, ``backoff`
 ``priority``, ``jobId``, ``removeOnComplete``/``removeOnFail``).
 
 Layers, each importing only the ones below it: this module (the backend: enqueue and management)
-→ :mod:`.source` (the worker side) → :mod:`.connection` (clients, script execution, errors)
+→ :mod:`.source` (the worker side) → :mod:`.flows` (writing and reading flows)
+→ :mod:`.connection` (clients, script execution, errors)
 → :mod:`.protocol` (keys, scripts, arguments: the only user of the package's internals)
 → :mod:`.wire` (pipelined writes: the only user of redis-py's private API).
 """
@@ -21,6 +22,7 @@ from typing import Any
 from corral.backends.base import PullBackend
 from corral.backends.bullmq import transfer
 from corral.backends.bullmq.connection import Client, RedisStore
+from corral.backends.bullmq.flows import read_children, write_flow
 from corral.backends.bullmq.protocol import (
     ADD_SCRIPTS,
     CLEAN_SETS,
@@ -35,7 +37,17 @@ from corral.backends.bullmq.protocol import (
 from corral.backends.bullmq.schedulers import Schedulers
 from corral.backends.bullmq.source import BullMQSource, now_ms, to_datetime
 from corral.errors import BackendError, JobActiveError
-from corral.message import ImportOutcome, JobInfo, JobRecord, JobState, NewJob
+from corral.message import (
+    Child,
+    FlowEntry,
+    FlowWrite,
+    ImportOutcome,
+    JobInfo,
+    JobRecord,
+    JobRef,
+    JobState,
+    NewJob,
+)
 from corral.payload import decode_lenient
 from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
@@ -100,6 +112,12 @@ class BullMQBackend(PullBackend):
             self._wake()
         return ids
 
+    async def enqueue_flow(self, entries: Sequence[FlowEntry]) -> FlowWrite:
+        written = await write_flow(self.store, self.settings, entries)
+        if any((entry.job.queue or self.queue_name) == self.queue_name for entry in entries):
+            self._wake()
+        return written
+
     # -- consuming -------------------------------------------------------------------------
 
     def open_source(self, *, stop: asyncio.Event, burst: bool) -> BullMQSource:
@@ -129,6 +147,9 @@ class BullMQBackend(PullBackend):
             return None
         return self._info(job_id, raw, str(state), logs, delayed_score)
 
+    async def children(self, job_id: str) -> list[Child]:
+        return await read_children(self.store, self.queue_name, job_id)
+
     async def list_jobs(
         self, state: JobState, *, limit: int = 50, offset: int = 0
     ) -> list[JobInfo]:
@@ -147,6 +168,8 @@ class BullMQBackend(PullBackend):
                 )
                 scores = {str(member): float(score) for member, score in pairs}
                 ids = list(scores)
+            elif state is JobState.WAITING_CHILDREN:  # a sorted set by timestamp
+                ids = _strs(await client.zrange(k["waiting-children"], offset, offset + limit - 1))
             elif state is JobState.ACTIVE:
                 # The active list grows on the left: read from the right, first started first.
                 ids = _strs(await client.lrange(k["active"], -(offset + limit), -(offset + 1)))
@@ -194,9 +217,8 @@ class BullMQBackend(PullBackend):
             found = await self.store.run(self.protocol.get_counts(self.queue_name))
         values = dict(zip(COUNT_TYPES, (int(n) for n in found), strict=True))
         return {
-            JobState.WAITING: sum(
-                values[t] for t in ("wait", "paused", "prioritized", "waiting-children")
-            ),
+            JobState.WAITING: sum(values[t] for t in ("wait", "paused", "prioritized")),
+            JobState.WAITING_CHILDREN: values["waiting-children"],
             JobState.DELAYED: values["delayed"],
             JobState.ACTIVE: values["active"],
             JobState.COMPLETED: values["completed"],
@@ -356,7 +378,20 @@ class BullMQBackend(PullBackend):
             tracebacks=stack,
             progress=progress if progress is not None else 0,
             logs=list(logs),
+            parent=self._parent(raw),
         )
+
+    def _parent(self, raw: Mapping[str, str]) -> JobRef | None:
+        """A child's parent, from its ``parent`` field (``{id, queueKey}``) or ``parentKey``."""
+        keys = self.protocol.keys
+        field = json_object(raw.get("parent"))
+        if isinstance(field.get("id"), str) and isinstance(field.get("queueKey"), str):
+            queue, _ = keys.split_job_key(field["queueKey"] + ":" + field["id"])
+            return JobRef(queue, field["id"])
+        parent_key = raw.get("parentKey")
+        if parent_key:
+            return JobRef(*keys.split_job_key(parent_key))
+        return None
 
 
 def _strs(values: Any) -> list[str]:

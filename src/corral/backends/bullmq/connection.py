@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +23,7 @@ import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 
 from corral.backends.bullmq.protocol import (
     LIB_VERSION,
@@ -190,6 +191,12 @@ class RedisStore:
                     f"Redis at {self.where} refused the credentials while {doing} ({exc}); "
                     "check the user and password in QUEUE_REDIS_URL"
                 ) from exc
+            if "CROSSSLOT" in str(exc):
+                raise BackendError(
+                    f"Redis Cluster refused keys of several slots in one call while {doing} "
+                    f"({exc}); every queue used together (a flow's, a dead-letter queue) must "
+                    "share one hash-tagged prefix, e.g. QUEUE_PREFIX={bull}"
+                ) from exc
             raise BackendError(f"Redis error while {doing}: {exc}") from exc
         except redis_errors.RedisError as exc:
             raise BackendError(f"Redis error while {doing}: {exc}") from exc
@@ -255,6 +262,47 @@ class RedisStore:
             if isinstance(result, BaseException):
                 raise result
         return list(results)
+
+    async def run_watched(
+        self,
+        watch: Sequence[str],
+        plan: Callable[[Client], Awaitable[Sequence[ScriptCall] | None]],
+        *,
+        tries: int = 5,
+    ) -> list[Any] | None:
+        """Run the calls ``plan`` returns in one MULTI/EXEC guarded by WATCH on ``watch``.
+
+        ``plan`` reads what the calls depend on through the client it gets, once the keys are
+        watched; if a watched key changes before EXEC, nothing is applied and ``plan`` runs
+        again (at most ``tries`` times). ``plan`` returning ``None`` writes nothing (``None``).
+        An error reply of any call is raised.
+        """
+        client = self.client()
+        pipe: Any
+        async with client.pipeline(transaction=True) as pipe:
+            for _ in range(tries):
+                try:
+                    await pipe.watch(*watch)
+                    calls = await plan(client)
+                    if calls is None:
+                        await pipe.reset()
+                        return None
+                    await self.load_scripts(client, *{call.script for call in calls})
+                    pipe.multi()
+                    for call in calls:
+                        self.queue_script(pipe, call)
+                    results: list[Any] = await pipe.execute()
+                    return results
+                except redis_errors.WatchError:
+                    continue  # written meanwhile: read again
+        raise BackendError(
+            f"the keys read before a transaction kept changing during {tries} tries; try again"
+        )
+
+    @staticmethod
+    def slots(keys: Sequence[str]) -> set[int]:
+        """The Redis Cluster slots of ``keys``."""
+        return {key_slot(key.encode("utf-8", "surrogateescape")) for key in keys}
 
     def pack_evalsha(self, call: ScriptCall) -> bytes:
         """One EVALSHA in RESP, as redis-py would send it; queue key names are encoded once

@@ -28,7 +28,7 @@ import msgpack  # type: ignore[import-untyped]
 from bullmq.queue_keys import QueueKeys
 from bullmq.redis_connection import SCRIPT_DEFINITIONS, loadScript
 
-from corral.message import JobState, NewJob
+from corral.message import ChildPolicy, JobState, NewJob
 from corral.payload import decode_lenient
 from corral.retry import Retry
 
@@ -58,13 +58,15 @@ mean for a worker settling a job."""
 STATES = {
     "waiting": JobState.WAITING,
     "prioritized": JobState.WAITING,
-    "waiting-children": JobState.WAITING,
+    "waiting-children": JobState.WAITING_CHILDREN,
     "delayed": JobState.DELAYED,
     "active": JobState.ACTIVE,
     "completed": JobState.COMPLETED,
     "failed": JobState.FAILED,
 }
 """BullMQ's state names (getStateV2) as corral's."""
+
+DEPENDENCY_SETS = ("dependencies", "processed", "failed", "unsuccessful")
 
 COUNT_TYPES = (
     "wait",
@@ -76,8 +78,41 @@ COUNT_TYPES = (
     "completed",
     "failed",
 )
-CLEAN_SETS = ("wait", "paused", "prioritized", "delayed", "completed", "failed")
-ADD_SCRIPTS = ("addStandardJob", "addDelayedJob", "addPrioritizedJob")
+CLEAN_SETS = (
+    "wait",
+    "paused",
+    "prioritized",
+    "delayed",
+    "completed",
+    "failed",
+    "waiting-children",
+)
+ADD_SCRIPTS = ("addStandardJob", "addDelayedJob", "addPrioritizedJob", "addParentJob")
+
+POLICY_FLAGS = {
+    ChildPolicy.FAIL: "fpof",
+    ChildPolicy.CONTINUE: "cpof",
+    ChildPolicy.IGNORE: "idof",
+    ChildPolicy.REMOVE: "rdof",
+}
+"""A child's failure policy as the short option names of its ``opts`` and ``parent`` field
+(``failParentOnFailure``, ``continueParentOnFailure``, ``ignoreDependencyOnFailure``,
+``removeDependencyOnFailure``)."""
+
+FLOW_ERRORS = {
+    -5: "its parent job does not exist",
+    -7: "a job with its id already belongs to another parent",
+}
+"""What the negative codes of the add scripts mean for a flow's child."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParentLink:
+    """A child's parent, as the add scripts take it."""
+
+    queue: str
+    job_id: str
+    policy: ChildPolicy | None
 
 
 class ScriptCall(NamedTuple):
@@ -168,6 +203,23 @@ class Keys:
     def job(self, queue: str, job_id: str) -> str:
         return self.of(queue)[""] + job_id
 
+    def qualified(self, queue: str) -> str:
+        """``<prefix>:<queue>``: Node's ``queue.qualifiedName``, a child's ``parent.queueKey``."""
+        return self.of(queue)[""][:-1]
+
+    def split_job_key(self, key: str) -> tuple[str, str]:
+        """``(queue, id)`` of a job key ``<prefix>:<queue>:<id>``, as Node's ``parseNodeKey``
+        (the last two colons) when the key is not under this prefix."""
+        head = self.prefix + ":"
+        if key.startswith(head):
+            queue, _, job_id = key[len(head) :].rpartition(":")
+            if queue:
+                return queue, job_id
+        parts = key.rsplit(":", 2)
+        if len(parts) == 3:
+            return parts[1], parts[2]
+        return "", key
+
 
 class Protocol:
     """The script calls of the queues under one prefix."""
@@ -178,20 +230,55 @@ class Protocol:
     # -- producing -------------------------------------------------------------------------
 
     def add_job(
-        self, queue: str, job: NewJob, opts: Mapping[str, Any], timestamp: int
+        self,
+        queue: str,
+        job: NewJob,
+        opts: Mapping[str, Any],
+        timestamp: int,
+        *,
+        job_id: str | None = None,
+        parent: ParentLink | None = None,
+        waiting_children: bool = False,
     ) -> ScriptCall:
-        """The add script for ``job``, chosen as Node's ``Job.addJob`` chooses.
+        """The add script for ``job``, chosen as Node's ``Job.addJob`` chooses: ``addParentJob``
+        for a job with children (``waiting_children``), whatever its delay or priority.
 
+        ``job_id`` overrides ``job.job_id`` (a flow's ids are chosen before it is written).
+        ``parent`` makes the job a child: the scripts store the ``parentKey`` and ``parent``
+        fields (``{id, queueKey}`` and the policy flag) and add it to the parent's dependencies.
         The add scripts return the existing id for a duplicate ``jobId`` and leave that job as
-        it is, so duplicates need no extra check.
+        it is (attaching it to ``parent`` if it has none), so duplicates need no extra check.
         """
         k = self.keys.of(queue)
+        parent_key: str | None = None
+        dependencies_key: str | None = None
+        parent_field: dict[str, Any] | None = None
+        if parent is not None:
+            parent_key = self.keys.job(parent.queue, parent.job_id)
+            dependencies_key = parent_key + ":dependencies"
+            # Node's Job: {id, queueKey} plus the policy flag (opts.parent is {id, queue}).
+            parent_field = {"id": parent.job_id, "queueKey": self.keys.qualified(parent.queue)}
+            if parent.policy is not None:
+                parent_field[POLICY_FLAGS[parent.policy]] = True
         packed_args = pack(
             # prefix, custom id, name, timestamp, parent key, parent dependencies key, parent,
             # repeat job key, deduplication key: the argument array of the add scripts.
-            [k[""], job.job_id or "", job.name, timestamp, None, None, None, None, None]
+            [
+                k[""],
+                job_id or job.job_id or "",
+                job.name,
+                timestamp,
+                parent_key,
+                dependencies_key,
+                parent_field,
+                None,
+                None,
+            ]
         )
         argv = [packed_args, job.data_json, pack(dict(opts))]
+        if waiting_children:
+            names = _names("meta id delayed waiting-children completed events")
+            return ScriptCall("addParentJob", [k[n] for n in names], argv)
         if job.delay_ms > 0:
             names = _names("marker meta id delayed completed events")
             return ScriptCall("addDelayedJob", [k[n] for n in names], argv)
@@ -200,6 +287,15 @@ class Protocol:
             return ScriptCall("addPrioritizedJob", [k[n] for n in names], argv)
         names = _names("wait paused meta id completed delayed active events marker")
         return ScriptCall("addStandardJob", [k[n] for n in names], argv)
+
+    def child_opts(self, opts: Mapping[str, Any], parent: ParentLink) -> dict[str, Any]:
+        """A child's ``opts`` as Node's ``FlowProducer`` writes them: ``parent: {id, queue}``
+        (how Bull Board finds a flow's root) and the failure policy's short name."""
+        child = dict(opts)
+        child["parent"] = {"id": parent.job_id, "queue": self.keys.qualified(parent.queue)}
+        if parent.policy is not None:
+            child[POLICY_FLAGS[parent.policy]] = True
+        return child
 
     @staticmethod
     def job_opts(
@@ -386,6 +482,13 @@ class Protocol:
         k = self.keys.of(queue)
         names = _names("delayed wait paused meta prioritized active pc events marker")
         return ScriptCall("promote", [k[n] for n in names], [k[""], job_id])
+
+    def dependency_keys(self, queue: str, job_id: str) -> dict[str, str]:
+        """A parent's view of its children: ``dependencies`` (a set of pending child keys),
+        ``processed`` (child key -> result JSON), ``failed`` (child key -> reason: failures
+        ignored by ``idof``/``cpof``) and ``unsuccessful`` (a sorted set: ``fpof`` failures)."""
+        key = self.keys.job(queue, job_id)
+        return {name: f"{key}:{name}" for name in DEPENDENCY_SETS}
 
     def pause(self, queue: str, paused: bool) -> ScriptCall:
         k = self.keys.of(queue)

@@ -39,6 +39,7 @@ from redis.backoff import NoBackoff
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
 from corral.backends.bullmq.connection import CLOSE_TIMEOUT_S, RedisStore, node_url
+from corral.backends.bullmq.flows import CHILDREN_REFUSALS, read_children
 from corral.backends.bullmq.protocol import (
     FINISH_ERRORS,
     LIB_VERSION,
@@ -53,8 +54,9 @@ from corral.backends.bullmq.protocol import (
     stacktrace,
 )
 from corral.backends.bullmq.schedulers import Schedulers
-from corral.errors import BackendError, LeaseLostError
+from corral.errors import BackendError, ChildrenPendingError, LeaseLostError
 from corral.message import (
+    Child,
     Completed,
     Failed,
     NewJob,
@@ -261,9 +263,9 @@ class BullMQSource(PullSource[Delivery]):
         def unreadable(why: str) -> Claim[Delivery]:
             return Claim(job_id, token, None, delivery, unreadable=why)
 
-        if raw.get("defa"):  # stalled too often: BullMQ fails it when next picked up
+        if raw.get("defa"):  # a child failed it, or it stalled too often: it fails unrun
             delivery.deferred_failure = raw["defa"]
-            return unreadable(raw["defa"])
+            return Claim(job_id, token, None, delivery, deferred_failure=raw["defa"])
         name = raw.get("name")
         if not name:
             return unreadable("it has no name")
@@ -287,6 +289,9 @@ class BullMQSource(PullSource[Delivery]):
             with store.errors(f"adding a log line to job {job_id}"):
                 await store.run(protocol.add_log(queue, job_id, text, keep_logs))
 
+        async def children() -> list[Child]:
+            return await read_children(store, queue, job_id)
+
         message = QueueMessage(
             id=job_id,
             name=name,
@@ -300,6 +305,7 @@ class BullMQSource(PullSource[Delivery]):
             _progress=progress,
             _log=log,
             _max_bytes=self.settings.max_payload_bytes,
+            _children=children,
         )
         return Claim(job_id, token, message, delivery)
 
@@ -317,6 +323,10 @@ class BullMQSource(PullSource[Delivery]):
                     self._finish(claim, "completed", outcome.result_json, now, fetch_next)
                 )
                 code = self._fetched(claim.token, reply, fetched)
+                if code in CHILDREN_REFUSALS:  # checked before the lock is touched: still ours
+                    raise ChildrenPendingError(
+                        f"job {claim.job_id} cannot complete: {CHILDREN_REFUSALS[code]}"
+                    )
             elif isinstance(outcome, RetryLater):
                 code = await self.store.call(self._retry(claim, outcome, now))
             elif isinstance(outcome, Failed):

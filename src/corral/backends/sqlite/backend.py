@@ -18,12 +18,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import PullBackend
-from corral.backends.sqlite import schedules, transfer
+from corral.backends.sqlite import flows, schedules, transfer
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
 from corral.errors import JobActiveError, ScheduleConflictError
-from corral.message import ImportOutcome, JobInfo, JobRecord, JobState, NewJob
+from corral.message import (
+    Child,
+    FlowEntry,
+    FlowWrite,
+    ImportOutcome,
+    JobInfo,
+    JobRecord,
+    JobRef,
+    JobState,
+    NewJob,
+)
 from corral.payload import decode_lenient
 from corral.retry import Retry
 from corral.schedules import NewSchedule, ScheduleInfo
@@ -32,11 +42,12 @@ from corral.settings import QueueSettings
 # One query per state, each answered from that state's partial index.
 _COUNTS_SQL = " UNION ALL ".join(
     f"SELECT '{state}', count(*) FROM jobs WHERE queue = ? AND state = '{state}'"
-    for state in ("waiting", "delayed", "active", "completed", "failed")
+    for state in ("waiting", "waiting-children", "delayed", "active", "completed", "failed")
 )
 
 _LIST_ORDER = {
     JobState.WAITING: "priority, run_at, seq",
+    JobState.WAITING_CHILDREN: "enqueued_at, seq",
     JobState.DELAYED: "run_at, seq",
     JobState.ACTIVE: "started_at, seq",
     JobState.COMPLETED: "finished_at DESC, seq DESC",
@@ -100,6 +111,15 @@ class SQLiteBackend(PullBackend):
             self.db.notify(queue)
         return ids
 
+    async def enqueue_flow(self, entries: Sequence[FlowEntry]) -> FlowWrite:
+        now = now_ms()
+        written, woken = await self.db.write(
+            lambda conn: flows.insert_flow(conn, entries, now, self._row)
+        )
+        for queue in woken:
+            self.db.notify(queue)
+        return written
+
     def _row(self, job: NewJob, now: int) -> tuple[Any, ...]:
         return job_row(job, self.queue_name, now)
 
@@ -113,7 +133,18 @@ class SQLiteBackend(PullBackend):
     async def get_job(self, job_id: str) -> JobInfo | None:
         where, params = self._id_clause(job_id)
         rows = self.db.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}", params)
-        return _info(rows[0]) if rows else None
+        return self._infos(rows)[0] if rows else None
+
+    async def children(self, job_id: str) -> list[Child]:
+        where, params = self._id_clause(job_id)
+        found = self.db.read(f"SELECT seq FROM jobs WHERE {where}", params)
+        if not found:
+            return []
+        return flows.read_children(self.db.read(flows.CHILDREN_SQL, (found[0][0],)))
+
+    def _infos(self, rows: Sequence[Sequence[Any]]) -> list[JobInfo]:
+        parents = flows.parent_refs(self.db.read, (row[-1] for row in rows if row[-1] is not None))
+        return [_info(row, parents.get(row[-1])) for row in rows]
 
     async def list_jobs(
         self, state: JobState, *, limit: int = 50, offset: int = 0
@@ -125,11 +156,11 @@ class SQLiteBackend(PullBackend):
             f"ORDER BY {_LIST_ORDER[state]} LIMIT ? OFFSET ?",
             (self.queue_name, max(0, int(limit)), max(0, int(offset))),
         )
-        return [_info(row) for row in rows]
+        return self._infos(rows)
 
     async def counts(self) -> dict[JobState, int]:
         result = dict.fromkeys(JobState, 0)
-        for state, count in self.db.read(_COUNTS_SQL, (self.queue_name,) * 5):
+        for state, count in self.db.read(_COUNTS_SQL, (self.queue_name,) * 6):
             with contextlib.suppress(ValueError):
                 result[JobState(state)] = count
         return result
@@ -138,13 +169,15 @@ class SQLiteBackend(PullBackend):
         now = now_ms()
 
         def retry(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
+            moved = conn.execute(
                 "UPDATE jobs SET state = 'waiting', attempts_made = 0, stalls = 0, run_at = ?, "
-                "finished_at = NULL WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
-                "state = 'failed' ORDER BY finished_at, seq LIMIT ?)",
+                "finished_at = NULL, deferred_failure = NULL WHERE seq IN (SELECT seq FROM jobs "
+                "WHERE queue = ? AND state = 'failed' ORDER BY finished_at, seq LIMIT ?) "
+                "RETURNING seq, parent_seq",
                 (now, self.queue_name, -1 if limit is None else max(0, limit)),
-            )
-            return cursor.rowcount
+            ).fetchall()
+            flows.reopen(conn, [(seq, parent) for seq, parent in moved if parent is not None])
+            return len(moved)
 
         moved = await self.db.write(retry)
         if moved:
@@ -154,11 +187,16 @@ class SQLiteBackend(PullBackend):
     async def remove(self, job_id: str) -> bool:
         where, params = self._id_clause(job_id)
 
+        woken: set[str] = set()
+
         def delete(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(f"SELECT seq, state FROM jobs WHERE {where}", params).fetchone()
+            row = conn.execute(
+                f"SELECT seq, state, parent_seq FROM jobs WHERE {where}", params
+            ).fetchone()
             if row is None:
                 return False
-            if row[1] == JobState.ACTIVE.value:
+            seq, state, parent_seq = row
+            if state == JobState.ACTIVE.value:
                 raise JobActiveError(
                     f"job {job_id} is active (a worker holds it); remove it once it finishes"
                 )
@@ -168,10 +206,15 @@ class SQLiteBackend(PullBackend):
                     f"job {job_id} is the pending job of schedule {owner!r}; remove the "
                     f"schedule instead (unschedule {owner!r})"
                 )
-            conn.execute("DELETE FROM jobs WHERE seq = ?", (row[0],))
+            if parent_seq is not None:
+                woken.update(flows.unlink(conn, [(seq, parent_seq)], now_ms()))
+            conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
             return True
 
-        return await self.db.write(delete)
+        removed = await self.db.write(delete)
+        for queue in woken:
+            self.db.notify(queue)
+        return removed
 
     async def promote(self, job_id: str) -> bool:
         where, params = self._id_clause(job_id)
@@ -226,14 +269,25 @@ class SQLiteBackend(PullBackend):
         return bool(rows and rows[0][0])
 
     async def purge(self) -> int:
+        woken: set[str] = set()
+
         def delete(conn: sqlite3.Connection) -> int:
+            children = conn.execute(
+                "SELECT seq, parent_seq FROM jobs WHERE queue = ? AND state != 'active' AND "
+                "parent_seq IS NOT NULL",
+                (self.queue_name,),
+            ).fetchall()
+            woken.update(flows.unlink(conn, children, now_ms()))
             return conn.execute(
                 "DELETE FROM jobs WHERE queue = ? AND state != 'active' AND (scheduler IS NULL "
                 f"OR custom_id NOT IN ({schedules.CURRENT_JOBS}))",
                 (self.queue_name, self.queue_name),
             ).rowcount
 
-        return await self.db.write(delete)
+        deleted = await self.db.write(delete)
+        for queue in woken - {self.queue_name}:
+            self.db.notify(queue)
+        return deleted
 
     # -- moving ----------------------------------------------------------------------------
 
@@ -262,7 +316,7 @@ class SQLiteBackend(PullBackend):
         return "custom_id = ? AND queue = ?", (job_id, self.queue_name)
 
 
-def _info(row: Sequence[Any]) -> JobInfo:
+def _info(row: Sequence[Any], parent: JobRef | None = None) -> JobInfo:
     (
         seq,
         queue,
@@ -284,6 +338,7 @@ def _info(row: Sequence[Any]) -> JobInfo:
         progress,
         logs,
         traces,
+        _parent_seq,
     ) = row
     tracebacks = decode_lenient(traces)
     return JobInfo(
@@ -304,6 +359,7 @@ def _info(row: Sequence[Any]) -> JobInfo:
         tracebacks=[str(t) for t in tracebacks] if isinstance(tracebacks, list) else [],
         progress=decode_lenient(progress) if progress is not None else 0,
         logs=[str(line) for line in (decode_lenient(logs) or [])],
+        parent=parent,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -85,12 +85,38 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         """,
         "ALTER TABLE jobs ADD COLUMN scheduler TEXT",
     ),
+    # Flows. A child row names its parent (``parent_seq``) and what its failure does to it
+    # (``parent_policy``); the parent's view of each child is a ``dependencies`` row, which keeps
+    # a child's result after the child itself is trimmed (BullMQ's ``processed`` hash). A parent
+    # waits in state 'waiting-children'; ``deferred_failure`` fails a job without running it.
+    5: (
+        "ALTER TABLE jobs ADD COLUMN parent_seq INTEGER",
+        "ALTER TABLE jobs ADD COLUMN parent_policy TEXT",
+        "ALTER TABLE jobs ADD COLUMN deferred_failure TEXT",
+        """
+        CREATE TABLE dependencies (
+            parent_seq INTEGER NOT NULL,
+            child_seq INTEGER NOT NULL,
+            child_queue TEXT NOT NULL,
+            child_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            value TEXT,
+            PRIMARY KEY (parent_seq, child_seq)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX dependencies_status ON dependencies (parent_seq, status)",
+        "CREATE INDEX jobs_waiting_children ON jobs (queue, enqueued_at, seq) "
+        "WHERE state = 'waiting-children'",
+        # However a parent goes (removed, trimmed, purged), its view of its children goes too.
+        "CREATE TRIGGER jobs_drop_dependencies AFTER DELETE ON jobs BEGIN "
+        "DELETE FROM dependencies WHERE parent_seq = OLD.seq; END",
+    ),
 }
 
 JOB_COLUMNS = (
     "seq, queue, custom_id, name, data, state, priority, run_at, enqueued_at, attempts_made, "
     "max_attempts, backoff, started_at, finished_at, result, error, traceback, progress, logs, "
-    "tracebacks"
+    "tracebacks, parent_seq"
 )
 
 INSERT = (

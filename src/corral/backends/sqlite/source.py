@@ -21,11 +21,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
-from corral.backends.sqlite import schedules
+from corral.backends.sqlite import flows, schedules
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, trim_finished
-from corral.errors import LeaseLostError
-from corral.message import Completed, Failed, Outcome, QueueMessage, Released, RetryLater
+from corral.errors import ChildrenPendingError, LeaseLostError
+from corral.message import (
+    Child,
+    Completed,
+    Failed,
+    Outcome,
+    QueueMessage,
+    Released,
+    RetryLater,
+)
 from corral.payload import decode_json
 from corral.retry import Retry
 from corral.settings import QueueSettings
@@ -39,7 +47,7 @@ _READY_SQL = (
     "OR EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'delayed' AND run_at <= ?)"
 )
 
-_Pending = tuple[Claim[int], Outcome, bool, "asyncio.Future[tuple[bool, list[Claim[int]]]]"]
+_Pending = tuple[Claim[int], Outcome, bool, "asyncio.Future[tuple[bool | str, list[Claim[int]]]]"]
 
 
 def now_ms() -> int:
@@ -119,7 +127,7 @@ class SQLiteSource(PullSource[int]):
             "started_at = ? WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
             "state = 'waiting' ORDER BY priority, run_at, seq LIMIT ?) RETURNING "
             "seq, custom_id, name, data, attempts_made, max_attempts, priority, "
-            "enqueued_at, backoff, run_at, scheduler",
+            "enqueued_at, backoff, run_at, scheduler, deferred_failure",
             (token, now + self.lease_ms, now, queue, max_jobs),
         ).fetchall()
         for row in rows:
@@ -146,8 +154,11 @@ class SQLiteSource(PullSource[int]):
             backoff,
             _run_at,
             _scheduler,
+            deferred_failure,
         ) = row
         job_id = custom_id if custom_id is not None else str(seq)
+        if deferred_failure is not None:  # a child failed it: it fails without running
+            return Claim(job_id, token, None, seq, deferred_failure=str(deferred_failure))
         try:
             payload = decode_json(data)
             if not isinstance(name, str) or not name:
@@ -172,8 +183,15 @@ class SQLiteSource(PullSource[int]):
             _progress=self._progress_writer(seq, token),
             _log=self._log_writer(seq),
             _max_bytes=self.settings.max_payload_bytes,
+            _children=self._children_reader(seq),
         )
         return Claim(job_id, token, message, seq)
+
+    def _children_reader(self, seq: int) -> Callable[[], Any]:
+        async def read() -> list[Child]:
+            return flows.read_children(self.db.read(flows.CHILDREN_SQL, (seq,)))
+
+        return read
 
     def _progress_writer(self, seq: int, token: str) -> Callable[[str], Any]:
         async def write(text: str) -> None:
@@ -204,12 +222,14 @@ class SQLiteSource(PullSource[int]):
         self, claim: Claim[int], outcome: Outcome, *, fetch_next: bool = False
     ) -> list[Claim[int]]:
         # Group commit: settles that arrive in the same loop iteration share one transaction.
-        future: asyncio.Future[tuple[bool, list[Claim[int]]]] = self._loop.create_future()
+        future: asyncio.Future[tuple[bool | str, list[Claim[int]]]] = self._loop.create_future()
         self._pending.append((claim, outcome, fetch_next, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._start_flush)
         kept, fetched = await future
+        if isinstance(kept, str):
+            raise ChildrenPendingError(kept)
         if not kept:
             raise LeaseLostError(
                 f"lease on job {claim.job_id} expired or was taken over before it could be "
@@ -233,9 +253,12 @@ class SQLiteSource(PullSource[int]):
         fetch = sum(1 for _, _, fetch_next, _ in batch if fetch_next)
         token = secrets.token_hex(8)
         fetched_rows: list[Any] = []
+        woken: set[str] = set()
 
-        def apply_all(conn: sqlite3.Connection) -> list[bool]:
-            kept = [self._apply(conn, claim, outcome, now) for claim, outcome, _, _ in batch]
+        def apply_all(conn: sqlite3.Connection) -> list[bool | str]:
+            fetched_rows.clear()
+            woken.clear()
+            kept = [self._apply(conn, claim, outcome, now, woken) for claim, outcome, _, _ in batch]
             if fetch:
                 fetched_rows.extend(self._take(conn, now, token, fetch))
             return kept
@@ -249,9 +272,11 @@ class SQLiteSource(PullSource[int]):
             if not isinstance(exc, Exception):
                 raise
             return
+        for queue in woken:  # parents released by their last child
+            self.db.notify(queue)
         fetched = self._claims(fetched_rows, token) if fetched_rows else []
         for (_, _, fetch_next, future), ok in zip(batch, kept, strict=True):
-            given = [fetched.pop(0)] if fetch_next and fetched else []
+            given = [fetched.pop(0)] if fetch_next and fetched and ok is True else []
             if future.done():  # its caller was cancelled: the lease is the loop's to renew
                 fetched[:0] = given
                 continue
@@ -269,23 +294,45 @@ class SQLiteSource(PullSource[int]):
                 logger.debug("job %s: could not release it: %s", claim.job_id, exc)
 
     def _apply(
-        self, conn: sqlite3.Connection, claim: Claim[int], outcome: Outcome, now: int
-    ) -> bool:
-        """Apply one outcome under the claim's fence; ``False`` (and no change) if it is stale."""
+        self,
+        conn: sqlite3.Connection,
+        claim: Claim[int],
+        outcome: Outcome,
+        now: int,
+        woken: set[str],
+    ) -> bool | str:
+        """Apply one outcome under the claim's fence; ``False`` (and no change) if it is stale,
+        the reason (and no change) if it is a parent that cannot complete yet."""
         seq = claim.handle
         fence = "seq = ? AND lease_token = ? AND state = 'active' AND lease_expires_at >= ?"
         fence_args = (seq, claim.token, now)
         if isinstance(outcome, Completed):
+            # A child's result is recorded for its parent in the same transaction: a parent
+            # cannot be stranded between "child completed" and "parent released".
             if self.settings.keep_completed == 0:
-                cursor = conn.execute(f"DELETE FROM jobs WHERE {fence}", fence_args)
+                done = conn.execute(
+                    f"DELETE FROM jobs WHERE {fence} AND {flows.OPEN_CHILDREN} "
+                    "RETURNING parent_seq",
+                    fence_args,
+                ).fetchall()
             else:
-                cursor = conn.execute(
+                done = conn.execute(
                     "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, "
                     "attempts_made = attempts_made + 1, lease_token = NULL, "
-                    f"lease_expires_at = NULL WHERE {fence}",
+                    f"lease_expires_at = NULL WHERE {fence} AND {flows.OPEN_CHILDREN} "
+                    "RETURNING parent_seq",
                     (outcome.result_json, now, *fence_args),
+                ).fetchall()
+            if not done:
+                return self._refusal(conn, claim, fence, fence_args)
+            parent_seq = done[0][0]
+            if parent_seq is not None:
+                self._woke(
+                    woken,
+                    flows.child_completed(conn, seq, parent_seq, outcome.result_json, now),
                 )
-        elif isinstance(outcome, RetryLater):
+            return True
+        if isinstance(outcome, RetryLater):
             state = "delayed" if outcome.delay_ms > 0 else "waiting"
             cursor = conn.execute(
                 "UPDATE jobs SET state = ?, run_at = ?, attempts_made = attempts_made + 1, "
@@ -301,27 +348,55 @@ class SQLiteSource(PullSource[int]):
                     *fence_args,
                 ),
             )
-        elif isinstance(outcome, Failed):
-            cursor = conn.execute(
+            return cursor.rowcount == 1
+        if isinstance(outcome, Failed):
+            failed = conn.execute(
                 "UPDATE jobs SET state = 'failed', error = ?, traceback = ?, "
-                f"tracebacks = {_APPEND_TRACE}, finished_at = ?, "
+                f"tracebacks = {_APPEND_TRACE}, finished_at = ?, deferred_failure = NULL, "
                 "attempts_made = attempts_made + 1, lease_token = NULL, "
-                f"lease_expires_at = NULL WHERE {fence}",
+                f"lease_expires_at = NULL WHERE {fence} RETURNING parent_seq, parent_policy",
                 (outcome.error, outcome.traceback, *[outcome.traceback] * 2, now, *fence_args),
-            )
-            if cursor.rowcount == 1:
-                self._dead_letter(conn, seq, outcome.error, now)
-                if self.settings.keep_failed is not None:
-                    trim_finished(conn, self.queue, "failed", self.settings.keep_failed)
-        elif isinstance(outcome, Released):
+            ).fetchall()
+            if not failed:
+                return False
+            parent_seq, policy = failed[0]
+            if parent_seq is not None:
+                self._woke(
+                    woken, flows.child_failed(conn, seq, parent_seq, policy, outcome.error, now)
+                )
+            self._dead_letter(conn, seq, outcome.error, now)
+            if self.settings.keep_failed is not None:
+                trim_finished(conn, self.queue, "failed", self.settings.keep_failed)
+            return True
+        if isinstance(outcome, Released):
             cursor = conn.execute(
                 "UPDATE jobs SET state = 'waiting', lease_token = NULL, "
                 f"lease_expires_at = NULL WHERE {fence}",
                 fence_args,
             )
-        else:  # pragma: no cover - exhaustive over Outcome
-            raise TypeError(f"unknown outcome {outcome!r}")
-        return cursor.rowcount == 1
+            return cursor.rowcount == 1
+        raise TypeError(f"unknown outcome {outcome!r}")  # pragma: no cover - exhaustive
+
+    @staticmethod
+    def _refusal(
+        conn: sqlite3.Connection, claim: Claim[int], fence: str, fence_args: tuple[Any, ...]
+    ) -> bool | str:
+        """Why a completion changed nothing: the lease is gone (``False``), or the job is a
+        parent with children pending or failed (the reason)."""
+        if conn.execute(f"SELECT 1 FROM jobs WHERE {fence}", fence_args).fetchone() is None:
+            return False
+        counts = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM dependencies WHERE parent_seq = ? AND status IN "
+                "('pending', 'failed') GROUP BY status",
+                (claim.handle,),
+            ).fetchall()
+        )
+        return children_refusal(claim.job_id, counts.get("pending", 0), counts.get("failed", 0))
+
+    def _woke(self, woken: set[str], queue: str | None) -> None:
+        if queue is not None:
+            woken.add(queue)
 
     def _dead_letter(self, conn: sqlite3.Connection, seq: int, error: str, now: int) -> None:
         target = self.settings.dead_letter
@@ -400,29 +475,35 @@ class SQLiteSource(PullSource[int]):
         if not trim_completed and not expired_any:
             return
 
+        woken: set[str] = set()
+
         def housekeeping(conn: sqlite3.Connection) -> tuple[int, int]:
+            woken.clear()
             expired = conn.execute(
-                "SELECT seq, stalls, scheduler FROM jobs WHERE queue = ? AND state = 'active' "
-                "AND lease_expires_at < ?",
+                "SELECT seq, stalls, scheduler, parent_seq, parent_policy FROM jobs WHERE "
+                "queue = ? AND state = 'active' AND lease_expires_at < ?",
                 (queue, now),
             ).fetchall()
             requeued = failed = 0
-            for seq, stalls, scheduler in expired:
+            for seq, stalls, scheduler, parent_seq, policy in expired:
                 # As BullMQ: a job of a live schedule is never failed for stalling.
                 if stalls + 1 > settings.max_stalls and not (
                     scheduler is not None and schedules.schedule_exists(conn, queue, scheduler)
                 ):
+                    error = (
+                        f"job stalled more than allowable limit ({settings.max_stalls}): "
+                        "its worker stopped renewing the lease (crashed or was killed)"
+                    )
                     conn.execute(
                         "UPDATE jobs SET state = 'failed', stalls = stalls + 1, finished_at = ?, "
                         "attempts_made = attempts_made + 1, error = ?, lease_token = NULL, "
-                        "lease_expires_at = NULL WHERE seq = ?",
-                        (
-                            now,
-                            f"job stalled more than allowable limit ({settings.max_stalls}): "
-                            "its worker stopped renewing the lease (crashed or was killed)",
-                            seq,
-                        ),
+                        "lease_expires_at = NULL, deferred_failure = NULL WHERE seq = ?",
+                        (now, error, seq),
                     )
+                    if parent_seq is not None:
+                        self._woke(
+                            woken, flows.child_failed(conn, seq, parent_seq, policy, error, now)
+                        )
                     self._dead_letter(conn, seq, "stalled", now)
                     failed += 1
                 else:
@@ -437,6 +518,8 @@ class SQLiteSource(PullSource[int]):
             return requeued, failed
 
         requeued, failed = await self.db.write(housekeeping)
+        for released in woken:
+            self.db.notify(released)
         if requeued or failed:
             logger.warning(
                 "queue %r: %d job(s) whose lease expired were requeued, %d failed as stalled",
@@ -475,6 +558,19 @@ class SQLiteSource(PullSource[int]):
             self._wake.set()
         else:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+
+def children_refusal(job_id: str, pending: int, failed: int) -> str:
+    """Why a parent cannot complete (the ChildrenPendingError message)."""
+    if failed:
+        return (
+            f"job {job_id} cannot complete: {failed} of its children failed it "
+            "(on_child_failure='fail'); retry them first"
+        )
+    return (
+        f"job {job_id} cannot complete while {pending} of its children are pending "
+        "(it was released early, by on_child_failure='continue' or a retry)"
+    )
 
 
 # The attempt's traceback appended to the JSON list of every attempt's (an empty one is not).
