@@ -12,9 +12,9 @@ import asyncio
 import enum
 import json
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,9 +26,19 @@ from corral._cli_schedules import register as register_schedule_commands
 from corral._cli_tx import move, outbox_app, relay
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
+from corral._cliviews import (
+    STATE_ORDER,
+    attempts_text,
+    child_to_dict,
+    children_table,
+    counts_table,
+    job_to_dict,
+    shorten,
+    show_time,
+)
 from corral.errors import ConfigError, CorralError, JobNotFoundError
 from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from corral.message import JobInfo, JobState
+from corral.message import Child, JobInfo, JobState
 from corral.service import QueueService
 from corral.settings import QueueSettings
 from corral.worker import (
@@ -52,15 +62,6 @@ app = typer.Typer(
 )
 
 out = Console(highlight=False, soft_wrap=False)
-
-# Shown in this order: where jobs are now, then where they ended.
-STATE_ORDER = (
-    JobState.ACTIVE,
-    JobState.WAITING,
-    JobState.DELAYED,
-    JobState.FAILED,
-    JobState.COMPLETED,
-)
 
 
 class BackendName(enum.StrEnum):
@@ -210,18 +211,6 @@ def stats(
     out.print(f"paused: {'yes' if paused else 'no'}", markup=False)
 
 
-def counts_table(counts: dict[JobState, int]) -> Table:
-    """A table of jobs per state, with a total."""
-    table = Table()
-    table.add_column("state")
-    table.add_column("jobs", justify="right")
-    for state in STATE_ORDER:
-        table.add_row(state.value, str(counts.get(state, 0)))
-    table.add_section()
-    table.add_row("total", str(sum(counts.values())))
-    return table
-
-
 @app.command()
 def jobs(
     ctx: typer.Context,
@@ -261,10 +250,10 @@ def jobs(
             Text(job.id),
             Text(job.name),
             job.state.value,
-            _attempts(job).replace(" of ", "/"),
+            attempts_text(job).replace(" of ", "/"),
             str(job.priority),
-            _time(job.enqueued_at),
-            Text(_shorten(job.error or "", 60)),
+            show_time(job.enqueued_at),
+            Text(shorten(job.error or "", 60)),
         )
     out.print(table)
 
@@ -275,17 +264,21 @@ def job(
     job_id: Annotated[str, typer.Argument(metavar="ID", help="The job's id")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Show one job: state, attempts, data, result or error with traceback, progress, logs."""
+    """Show one job: state, attempts, data, result or error with traceback, progress, logs,
+    and in a flow its parent and children."""
 
-    async def call(service: QueueService) -> JobInfo | None:
-        return await service.get_job(job_id)
+    async def call(service: QueueService) -> tuple[JobInfo | None, list[Child]]:
+        info = await service.get_job(job_id)
+        return info, (await service.get_children(job_id) if info is not None else [])
 
-    info = run(ctx, call)
+    info, children = run(ctx, call)
     if info is None:
         with corral_errors():
             raise JobNotFoundError(f"no job with id {job_id!r} in {_where(_state(ctx).settings())}")
     if as_json:
-        typer.echo(json.dumps(job_to_dict(info)))
+        body = job_to_dict(info)
+        body["children"] = [child_to_dict(child) for child in children]
+        typer.echo(json.dumps(body))
         return
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -295,23 +288,30 @@ def job(
         ("name", info.name),
         ("queue", info.queue),
         ("state", info.state.value),
-        ("attempts", _attempts(info)),
+        ("attempts", attempts_text(info)),
         ("priority", str(info.priority)),
-        ("enqueued", _time(info.enqueued_at)),
+        ("enqueued", show_time(info.enqueued_at)),
     ]
     if info.run_at is not None:
-        rows.append(("run at", _time(info.run_at)))
+        rows.append(("run at", show_time(info.run_at)))
     if info.finished_at is not None:
-        rows.append(("finished", _time(info.finished_at)))
+        rows.append(("finished", show_time(info.finished_at)))
     rows.append(("data", json.dumps(info.data)))
     if info.state is JobState.COMPLETED:
         rows.append(("result", json.dumps(info.result)))
     rows.append(("progress", json.dumps(info.progress)))
     if info.error:
         rows.append(("error", info.error))
+    if info.parent is not None:
+        rows.append(("parent", f"{info.parent.id} (queue {info.parent.queue})"))
+    if children:
+        tally = Counter(child.status.value for child in children)
+        rows.append(("children", ", ".join(f"{n} {status}" for status, n in tally.items())))
     for key, value in rows:
         grid.add_row(key, Text(value))
     out.print(grid)
+    if children:
+        out.print(children_table(children))
     traces = info.tracebacks or ([info.traceback] if info.traceback else [])
     for number, trace in enumerate(traces, start=1):
         heading = "traceback:" if len(traces) == 1 else f"traceback {number} of {len(traces)}:"
@@ -321,51 +321,6 @@ def job(
         out.print("logs:", markup=False)
         for line in info.logs:
             out.print(Text(f"  {line}"), soft_wrap=True)
-
-
-def _attempts(info: JobInfo) -> str:
-    """Attempts made of those allowed; past the limit (a job retried by hand, e.g. from Bull
-    Board, which keeps the count) it says so instead of "3 of 2"."""
-    if info.attempts_made <= info.max_attempts:
-        return f"{info.attempts_made} of {info.max_attempts}"
-    return f"{info.attempts_made} (retried by hand; {info.max_attempts} allowed)"
-
-
-def job_to_dict(info: JobInfo) -> dict[str, Any]:
-    """A job as plain JSON (``--json`` output)."""
-    return {
-        "id": info.id,
-        "name": info.name,
-        "queue": info.queue,
-        "state": info.state.value,
-        "attempts_made": info.attempts_made,
-        "max_attempts": info.max_attempts,
-        "priority": info.priority,
-        "data": info.data,
-        "enqueued_at": _iso(info.enqueued_at),
-        "run_at": _iso(info.run_at),
-        "finished_at": _iso(info.finished_at),
-        "result": info.result,
-        "error": info.error,
-        "traceback": info.traceback,
-        "tracebacks": list(info.tracebacks),
-        "progress": info.progress,
-        "logs": list(info.logs),
-    }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
-
-
-def _time(moment: datetime) -> str:
-    local = moment.astimezone() if moment.tzinfo is not None else moment
-    return local.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _shorten(text: str, width: int) -> str:
-    line = text.splitlines()[0] if text else ""
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 # -- managing -----------------------------------------------------------------------------------
