@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from corral import JobState, QueueMessage, QueueService, Retry
+from corral import FlowJob, JobState, QueueMessage, QueueService, Retry
 from corral.backends.bullmq import LIB_VERSION
 
 from conftest import SettingsFactory, finished, missing, run_worker_until
@@ -426,3 +426,193 @@ async def test_jobs_moved_from_sqlite_are_bullmq_jobs_to_node(
     ran = await run_node("worker.mjs", node_args(settings, expect=3, timeoutMs=20000))
     assert not ran["timedOut"]
     assert [run["id"] for run in ran["runs"]] == [ids[2], "custom-w", ids[3]]
+
+
+# -- flows -------------------------------------------------------------------------------------
+
+
+async def test_node_flow_producer_to_corral_workers(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    other = make_settings(name=f"{settings.name}-b").name
+    p, q = settings.name, other
+    flow = {
+        "name": "assemble",
+        "queueName": p,
+        "data": {"level": "root"},
+        "children": [
+            {"name": "part", "queueName": p, "data": {"n": 1}},
+            {
+                "name": "part",
+                "queueName": q,
+                "data": {"n": 2},
+                "opts": {"failParentOnFailure": True},
+            },
+            {
+                "name": "assemble",
+                "queueName": q,
+                "data": {"level": "mid"},
+                "children": [
+                    {"name": "part", "queueName": p, "data": {"n": 3}},
+                    {
+                        "name": "boom",
+                        "queueName": q,
+                        "data": {},
+                        "opts": {"ignoreDependencyOnFailure": True},
+                    },
+                ],
+            },
+        ],
+    }
+    tree = await run_node("flow.mjs", {"mode": "add", "url": settings.redis_url, "flow": flow})
+    root_id = tree["id"]
+    part1, part2, mid = tree["children"]
+    part3, boom = mid["children"]
+    seen: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+    async with QueueService(settings) as service:
+        root = await service.get_job(root_id)
+        assert root is not None and root.state is JobState.WAITING_CHILDREN
+        children = {c.id: (c.queue, c.status.value) for c in await service.get_children(root_id)}
+        assert children == {
+            part1["id"]: (p, "pending"),
+            part2["id"]: (q, "pending"),
+            mid["id"]: (q, "pending"),
+        }
+
+        @service.handler("part")
+        async def part(message: QueueMessage) -> int:
+            return int(message.data["n"]) * 10
+
+        @service.handler("boom")
+        async def fail(message: QueueMessage) -> None:
+            raise ValueError("boom from corral")
+
+        @service.handler("assemble")
+        async def assemble(message: QueueMessage) -> Any:
+            results = await message.children_results()
+            seen[message.data["level"]] = (results, await message.children_failures())
+            return sum(v if isinstance(v, int) else v["total"] for v in results.values())
+
+        async def done() -> bool:
+            info = await service.get_job(root_id)
+            return info is not None and info.state in (JobState.COMPLETED, JobState.FAILED)
+
+        worker = asyncio.create_task(service.start_worker(queues=[p, q]))
+        try:
+            deadline = time.monotonic() + 20
+            while not await done():
+                assert time.monotonic() < deadline and not worker.done()
+                await asyncio.sleep(0.05)
+        finally:
+            service.stop()
+            await worker
+        root = await service.get_job(root_id)
+        assert root is not None and root.state is JobState.COMPLETED, root
+        assert root.result == 10 + 20 + 30
+        assert seen["mid"] == ({part3["id"]: 30}, {boom["id"]: "ValueError: boom from corral"})
+        assert seen["root"][0] == {part1["id"]: 10, part2["id"]: 20, mid["id"]: 30}
+
+    view = await run_node(
+        "flow.mjs",
+        {"mode": "getflow", "url": settings.redis_url, "id": root_id, "queue": p, "queues": [p, q]},
+    )
+    assert view["tree"]["state"] == "completed" and view["tree"]["returnvalue"] == 60
+
+
+async def test_corral_flow_run_by_node_workers(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    other = make_settings(name=f"{settings.name}-b").name
+    p, q = settings.name, other
+    async with QueueService(settings) as service:
+        flow = await service.enqueue_flow(
+            FlowJob(
+                "assemble",
+                {"level": "root"},
+                children=[
+                    FlowJob("part", {"n": 1}),
+                    FlowJob("part", {"n": 2}, queue=q, on_child_failure="ignore"),
+                    FlowJob(
+                        "assemble",
+                        {"level": "mid"},
+                        queue=q,
+                        children=[
+                            FlowJob("part", {"n": 3}),
+                            FlowJob("boom", {}, queue=q, on_child_failure="ignore"),
+                        ],
+                    ),
+                ],
+            )
+        )
+        doomed = await service.enqueue_flow(
+            FlowJob("assemble", {"level": "doomed"}, children=[FlowJob("boom", {})])
+        )
+    part1, part2, mid = flow.children
+    part3, boom = mid.children
+    queues = [p, q]
+
+    # Before any worker: Node sees the tree, its waiting parents and Bull Board finds the root.
+    before = await run_node(
+        "flow.mjs",
+        {"mode": "getflow", "url": settings.redis_url, "id": flow.id, "queue": p, "queues": queues},
+    )
+    tree = before["tree"]
+    assert (tree["id"], tree["name"], tree["state"]) == (flow.id, "assemble", "waiting-children")
+    by_id = {child["id"]: child for child in tree["children"]}
+    assert set(by_id) == {part1.id, part2.id, mid.id}
+    assert by_id[mid.id]["state"] == "waiting-children"
+    assert {c["id"] for c in by_id[mid.id]["children"]} == {part3.id, boom.id}
+    assert by_id[part2.id]["opts"]["parent"] == {"id": flow.id, "queue": f"bull:{p}"}
+    assert by_id[part2.id]["opts"]["ignoreDependencyOnFailure"] is True
+    assert by_id[part2.id]["parent"] == {"id": flow.id, "queueKey": f"bull:{p}", "idof": True}
+    assert by_id[part1.id]["parentKey"] == f"bull:{p}:{flow.id}"
+    assert by_id[part1.id]["opts"]["failParentOnFailure"] is True  # the default policy
+    assert before["bullBoardRoots"] == [{"id": flow.id, "queue": p}] * 4
+
+    out = await run_node(
+        "flow.mjs",
+        {
+            "mode": "work",
+            "url": settings.redis_url,
+            "queues": queues,
+            "roots": [{"id": flow.id, "queue": p}, {"id": doomed.id, "queue": p}],
+            "fail": ["boom"],
+            "timeoutMs": 20000,
+        },
+    )
+    assert not out["timedOut"]
+    ran = [run["id"] for run in out["runs"]]
+    assert ran.count(flow.id) == 1 and doomed.id not in ran  # "fail": the parent never runs
+
+    after = await run_node(
+        "flow.mjs",
+        {"mode": "getflow", "url": settings.redis_url, "id": flow.id, "queue": p, "queues": queues},
+    )
+    tree = after["tree"]
+    assert tree["state"] == "completed"
+    mid_value = {
+        "echo": {"level": "mid"},
+        "children": {f"bull:{p}:{part3.id}": {"echo": {"n": 3}, "children": {}, "ignored": {}}},
+        "ignored": {f"bull:{q}:{boom.id}": "boom failed on purpose"},
+    }
+    assert tree["childrenValues"] == {
+        f"bull:{p}:{part1.id}": {"echo": {"n": 1}, "children": {}, "ignored": {}},
+        f"bull:{q}:{part2.id}": {"echo": {"n": 2}, "children": {}, "ignored": {}},
+        f"bull:{q}:{mid.id}": mid_value,
+    }
+    async with QueueService(settings) as service:
+        root = await service.get_job(flow.id)
+        assert root is not None and root.state is JobState.COMPLETED
+        assert root.result == {
+            "echo": {"level": "root"},
+            "children": tree["childrenValues"],
+            "ignored": {},
+        }
+        failed = await service.get_job(doomed.id)
+        assert failed is not None and failed.state is JobState.FAILED
+        assert failed.error == f"child bull:{p}:{doomed.children[0].id} failed"
+    async with QueueService(settings.with_name(q)) as service:
+        statuses = {c.id: c.status.value for c in await service.get_children(mid.id)}
+        assert statuses == {part3.id: "completed", boom.id: "ignored"}
