@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from corral import JobInfo, JobState, QueueService, QueueSettings, cli
+from corral import FlowJob, FlowNode, JobInfo, JobState, QueueService, QueueSettings, cli
 from corral.tools.bench import bench_command
 from corral.tools.chaos import chaos_command
 
@@ -191,6 +191,7 @@ def test_cli_and_worker_on_bullmq(corral: Corral, redis_url: str) -> None:
         assert corral.json(*on_redis, "stats")["counts"] == {
             "active": 0,
             "waiting": 0,
+            "waiting-children": 0,
             "delayed": 0,
             "failed": 1,
             "completed": 1,
@@ -231,8 +232,43 @@ def test_stats_table_and_json(corral: Corral) -> None:
         "queue": "default",
         "backend": "sqlite",
         "paused": False,
-        "counts": {"active": 0, "waiting": 3, "delayed": 1, "failed": 0, "completed": 0},
+        "counts": {
+            "active": 0,
+            "waiting": 3,
+            "waiting-children": 0,
+            "delayed": 1,
+            "failed": 0,
+            "completed": 0,
+        },
     }
+
+
+def test_a_flow_in_stats_jobs_and_job(corral: Corral) -> None:
+    async def add(service: QueueService) -> FlowNode:
+        return await service.enqueue_flow(
+            FlowJob("report", job_id="report-7", children=[FlowJob("part", 1), FlowJob("part", 2)])
+        )
+
+    flow: FlowNode = corral._run(add)
+    first, second = flow.children
+    assert re.search(r"waiting-children\s*│\s*1\s*│", corral.ok("stats"))
+    assert corral.json("stats")["counts"]["waiting-children"] == 1
+    assert [j["id"] for j in corral.json("jobs", "--state", "waiting-children")] == ["report-7"]
+    assert "report-7" in corral.ok("jobs")  # every state is listed by default
+
+    parent = corral.json("job", "report-7")
+    assert parent["state"] == "waiting-children" and parent["parent"] is None
+    assert [(c["id"], c["status"]) for c in parent["children"]] == [
+        (first.id, "pending"),
+        (second.id, "pending"),
+    ]
+    shown = corral.ok("job", "report-7")
+    assert re.search(r"children\s+2 pending", shown), shown
+    assert re.search(rf"{first.id}\s*│\s*default\s*│\s*part\s*│\s*pending", shown), shown
+    child = corral.json("job", first.id)
+    assert child["parent"] == {"id": "report-7", "queue": "default"}
+    assert child["children"] == []
+    assert "report-7 (queue default)" in corral.ok("job", first.id)
 
 
 def test_pause_and_resume(corral: Corral) -> None:
