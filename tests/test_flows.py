@@ -525,6 +525,30 @@ async def test_a_thousand_children_release_their_parent_exactly_once(
         assert counts[JobState.FAILED] == counts[JobState.WAITING] == counts[JobState.ACTIVE] == 0
 
 
+async def test_a_burst_worker_of_every_queue_runs_the_whole_flow(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings()
+    io = make_settings(name=f"{settings.name}-io").name
+    async with QueueService(settings) as service:
+        rec = Recorder(service)
+        # The root's queue has nothing ready until the io queue's jobs are done.
+        flow = await service.enqueue_flow(
+            FlowJob(
+                "parent",
+                "root",
+                children=[
+                    FlowJob("leaf", 1, queue=io),
+                    FlowJob("parent", "mid", queue=io, children=[FlowJob("leaf", 2, queue=io)]),
+                ],
+            )
+        )
+        await asyncio.wait_for(service.start_worker(burst=True, queues=[settings.name, io]), 30)
+        root = await job_of(service, flow)
+        assert root.state is JobState.COMPLETED and root.result == {"sum": 2 + 4}
+        assert rec.ran[-1] == ("parent", "root")
+
+
 async def test_enqueue_flow_sync(service: QueueService) -> None:
     flow = await asyncio.to_thread(
         service.enqueue_flow_sync, FlowJob("parent", children=[FlowJob("leaf", 1)])

@@ -59,6 +59,13 @@ async def consume(
     # Fetch-next refills the slot a job frees with a job of the same queue. Under a shared cap
     # that would let a busy queue keep every slot, so then freed slots are claimed afresh.
     fetch_next_allowed = total is None or len(queues) == 1
+    # Burst mode ends once every queue found nothing to claim since the last settle, with
+    # nothing in flight: a job settling in one queue may release a parent (a flow) into
+    # another. ``generation`` counts settles; ``settled`` is set (and replaced) at each.
+    generation = 0
+    settled = asyncio.Event()
+    idle_at: dict[_Queue, int] = {}  # the generation at which a queue last found nothing
+    drained = asyncio.Event()
 
     def hold(queue: _Queue, claims: Sequence[Claim[Any]]) -> None:
         for claim in claims:
@@ -67,6 +74,7 @@ async def consume(
             ready.put_nowait(claim)
 
     def free(claim: Claim[Any]) -> None:
+        nonlocal settled, generation
         queue = owner.pop(claim, None)
         if queue is None:
             return
@@ -76,6 +84,10 @@ async def consume(
         else:
             for each in queues:
                 each.freed.set()
+        if burst:
+            generation += 1
+            settled.set()
+            settled = asyncio.Event()
 
     async def settle(claim: Claim[Any], outcome: Outcome) -> None:
         queue = owner.get(claim)
@@ -157,6 +169,7 @@ async def consume(
                 queue.freed.clear()
                 await queue.freed.wait()
                 continue
+            generation_before, settled_before = generation, settled
             claims = await errors.guard(source.claim(room), "claiming jobs")
             if stop.is_set():
                 for claim in claims or ():
@@ -169,7 +182,15 @@ async def consume(
                 hold(queue, claims)
                 continue
             if burst and not queue.held and claims is not None:
-                return
+                idle_at[queue] = generation_before
+                if not owner and all(idle_at.get(each) == generation for each in queues):
+                    drained.set()  # every queue came up empty after the last settle
+                    return
+                # Other queues are busy, or have not looked since a settle: wait for them.
+                await _first(stop_wait, settled_before.wait(), drained.wait())
+                if drained.is_set():
+                    return
+                continue
             queue.freed.clear()
             await _first(
                 stop_wait,
