@@ -82,12 +82,20 @@ def assert_figures(result: dict[str, Any], plan: dict[str, Any]) -> None:
     assert rss["jobs"] == plan["processed"][str(plan["rss_concurrency"])], name
     assert min(rss["start_kb"], rss["warm_kb"], rss["end_kb"]) > 0, name
     assert rss["peak_kb"] >= rss["end_kb"], name
-    corral = name.startswith("corral-")
-    assert len(result["phase_s"]) == 4 + corral + len(plan["processed"]), name
+    corral = name in CORRAL_SYSTEMS
+    # Every system goes through the under-load phase (a peer notes it cannot); only corral's
+    # have the flow phase.
+    assert len(result["phase_s"]) == 5 + len(plan["processed"]) + int(corral), name
     if corral:  # the phase that enqueues while a worker drains
         assert result["enqueue_under_load_per_s"] > 0, name
         lag = result["loop_lag"]
         assert lag["samples"] > 0 and 0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"], name
+        assert result["flow_enqueue_per_s"] > 0 and result["flow_children_per_s"] > 0, name
+        release = result["flow_release"]
+        assert release["samples"] == plan["flows"], name
+        assert 0 < release["p50_ms"] <= release["max_ms"], name
+    else:
+        assert result["flow_release"] is None, name
 
 
 def assert_report(report: dict[str, Any], systems: list[str]) -> None:
@@ -138,6 +146,7 @@ def test_quick_run_reports_every_figure_of_both_backends(tmp_path: Path) -> None
     markdown = markdown_path.read_text()
     assert "| | corral-sqlite | corral-bullmq |" in markdown
     assert "| enqueue 1 by 1 /s |" in markdown
+    assert "| flow parent release p50 ms |" in markdown
 
 
 @pytest.mark.timeout(180)

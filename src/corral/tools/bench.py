@@ -29,6 +29,12 @@ Method, the same for every system:
   the worker go back to idle; the first sample is a warm-up and is dropped.
 - Worker RSS: the worker process reads its own ``VmRSS`` at start, after a warm-up count of jobs
   and after the last job of the concurrency-50 run (100,000 jobs in the full run).
+- Flows (systems that have them): the producer adds F flows of one parent and N no-op children
+  each (timed: jobs added per second); a worker process at concurrency C runs them. Children
+  per second: from the first child's handler call to the last one's. Parent release: the time
+  from a flow's last child's handler call to its parent's handler call (its result recorded,
+  the parent released, claimed and started), one sample per flow; the parent checks it got
+  all N results.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ import corral
 from corral import __version__
 from corral._cliutil import cli_state, corral_errors
 from corral.errors import BenchError, ConfigError, Unsupported
+from corral.flows import FlowJob
 from corral.message import QueueMessage
 from corral.service import QueueService
 from corral.settings import QueueSettings, is_loopback_url, redact_url
@@ -85,6 +92,8 @@ from corral.settings import QueueSettings, is_loopback_url, redact_url
 SCHEMA = "corral-bench/1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 JOB_NAME = "noop"
+FLOW_CHILD = "flow_child"
+FLOW_PARENT = "flow_parent"
 BUSY_LOAD = 0.5
 RUNNER_MODULE = "corral.tools.bench"
 BACKEND_LABELS = {"sqlite": "SQLite", "bullmq": "BullMQ"}
@@ -112,6 +121,10 @@ class Plan:
     under_load_jobs: int = 2_000
     """Jobs enqueued one by one by ``under_load_tasks`` tasks while a worker drains them."""
     under_load_tasks: int = 8
+    flows: int = 2
+    flow_children: int = 500
+    """Children per flow (one parent each)."""
+    flow_concurrency: int = 10
 
 
 FULL = Plan(
@@ -127,6 +140,9 @@ FULL = Plan(
     idle_gap_ms=(20, 100),
     max_phase_s=120.0,
     under_load_jobs=10_000,
+    flows=5,
+    flow_children=5_000,
+    flow_concurrency=10,
 )
 
 QUICK = Plan(
@@ -142,6 +158,9 @@ QUICK = Plan(
     idle_gap_ms=(10, 40),
     max_phase_s=20.0,
     under_load_jobs=500,
+    flows=2,
+    flow_children=500,
+    flow_concurrency=10,
 )
 
 
@@ -190,6 +209,11 @@ class SystemResult:
     loop_lag: Pickup | None = None
     """How late the producer's event loop ran a 1 ms timer meanwhile (ms): what a web app
     enqueueing from its request handlers loses."""
+    flow_enqueue_per_s: float | None = None
+    """Jobs of flows added per second (each flow one atomic write)."""
+    flow_children_per_s: float | None = None
+    flow_release: Pickup | None = None
+    """From a flow's last child's handler call to its parent's, in milliseconds."""
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     phase_s: dict[str, float] = field(default_factory=dict)
@@ -261,6 +285,21 @@ class Client(ABC):
     async def work(self, concurrency: int, on_job: OnJob, stop: asyncio.Event) -> None:
         """Run a worker that calls ``on_job(data)`` for each job until ``stop`` is set."""
 
+    async def enqueue_flow(self, flow: int, children: int) -> None:
+        """Add one flow: a parent and ``children`` no-op children, their data ``{"f": flow}``."""
+        raise Unsupported("no flows")
+
+    async def work_flows(
+        self,
+        concurrency: int,
+        on_child: OnJob,
+        on_parent: Callable[[Data, int], None],
+        stop: asyncio.Event,
+    ) -> None:
+        """Run a worker of flows until ``stop``: ``on_child(data)`` for each child,
+        ``on_parent(data, number of children's results)`` for each parent."""
+        raise Unsupported("no flows")
+
     @abstractmethod
     async def close(self) -> None:
         """Release connections."""
@@ -276,6 +315,7 @@ class CorralClient(Client):
             name=queue_name,
             sqlite_path=path or "corral-bench.db",
             redis_url=redis_url,
+            max_flow_jobs=1_000_000,
         )
         self.service = QueueService(settings)
 
@@ -294,6 +334,37 @@ class CorralClient(Client):
         @service.handler(JOB_NAME)
         async def noop(message: QueueMessage) -> None:
             on_job(message.data)
+
+        await self._run_until(stop, concurrency)
+
+    async def enqueue_flow(self, flow: int, children: int) -> None:
+        data = {"f": flow}
+        await self.service.enqueue_flow(
+            FlowJob(FLOW_PARENT, data, children=[FlowJob(FLOW_CHILD, data)] * children)
+        )
+
+    async def work_flows(
+        self,
+        concurrency: int,
+        on_child: OnJob,
+        on_parent: Callable[[Data, int], None],
+        stop: asyncio.Event,
+    ) -> None:
+        service = self.service
+
+        @service.handler(FLOW_CHILD)
+        async def child(message: QueueMessage) -> None:
+            on_child(message.data)
+
+        @service.handler(FLOW_PARENT)
+        async def parent(message: QueueMessage) -> None:
+            started = now_us()
+            on_parent({**message.data, "started_us": started}, len(await message.children()))
+
+        await self._run_until(stop, concurrency)
+
+    async def _run_until(self, stop: asyncio.Event, concurrency: int) -> None:
+        service = self.service
 
         async def stopper() -> None:
             await stop.wait()
@@ -410,6 +481,14 @@ async def role_producer(make_client: ClientFactory, redis_url: str) -> None:
                     answer = await _enqueue_watching_the_loop(
                         client, int(command["count"]), int(command["tasks"])
                     )
+                elif op == "flow":
+                    client = await client_for(command)
+                    flows, children = int(command["flows"]), int(command["children"])
+                    started = time.perf_counter()
+                    for flow in range(flows):
+                        await client.enqueue_flow(flow, children)
+                    elapsed_s = time.perf_counter() - started
+                    answer = {"ok": True, "jobs": flows * (children + 1), "elapsed_s": elapsed_s}
                 elif op == "probe":
                     client = await client_for(command)
                     await client.enqueue_one({"t0_us": now_us()})
@@ -520,6 +599,57 @@ async def role_work(
     }
 
 
+async def role_flow_work(
+    client: Client, flows: int, children: int, concurrency: int, max_s: float
+) -> Data:
+    """Run ``flows`` prefilled flows of ``children`` children; report the children's rate and,
+    per flow, the time from its last child's handler call to its parent's."""
+    await client.open()
+    lock = threading.Lock()
+    last_child_us: dict[int, int] = {}
+    seen = {"children": 0, "first_us": 0, "last_us": 0}
+    releases_us: list[int] = []
+    short: list[str] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_child(data: Data) -> None:
+        t = now_us()
+        with lock:
+            seen["children"] += 1
+            seen["first_us"] = seen["first_us"] or t
+            seen["last_us"] = t
+            last_child_us[int(data["f"])] = t
+
+    def on_parent(data: Data, results: int) -> None:
+        with lock:
+            releases_us.append(int(data["started_us"]) - last_child_us.get(int(data["f"]), 0))
+            if results != children:
+                short.append(f"flow {data['f']}: the parent saw {results} of {children} children")
+            if len(releases_us) == flows:
+                loop.call_soon_threadsafe(stop.set)
+
+    worker = asyncio.create_task(client.work_flows(concurrency, on_child, on_parent, stop))
+    waiting = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({worker, waiting}, timeout=max_s, return_when="FIRST_COMPLETED")
+    if worker in done:
+        waiting.cancel()
+        worker.result()
+    stop.set()
+    await asyncio.wait_for(worker, 60)
+    await client.close()
+    if short:
+        return {"ok": False, "error": "; ".join(short)}
+    return {
+        "ok": True,
+        "children": seen["children"],
+        "parents": len(releases_us),
+        "timed_out": not done,
+        "elapsed_s": (seen["last_us"] - seen["first_us"]) / 1e6,
+        "releases_ms": [us / 1000 for us in releases_us],
+    }
+
+
 async def role_idle_worker(client: Client) -> None:
     """Print ``{"latency_us": ...}`` for each job until stdin closes."""
     await client.open()
@@ -584,7 +714,7 @@ def runner_main(
     ``clients`` (the systems it can run) and ``prog`` for a runner entry of other systems."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("system", choices=sorted(clients))
-    parser.add_argument("role", choices=("producer", "work", "idle-worker", "idle"))
+    parser.add_argument("role", choices=("producer", "work", "idle-worker", "idle", "flow-work"))
     parser.add_argument("--queue", default="bench")
     parser.add_argument("--path", default=None, help="SQLite file (SQLite systems)")
     parser.add_argument("--redis", default=DEFAULT_REDIS_URL)
@@ -593,6 +723,7 @@ def runner_main(
     parser.add_argument("--max-s", type=float, default=120.0)
     parser.add_argument("--warm", type=int, default=100)
     parser.add_argument("--start-at-us", type=int, default=0)
+    parser.add_argument("--flows", type=int, default=1)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--gap-min-ms", type=int, default=50)
     parser.add_argument("--gap-max-ms", type=int, default=200)
@@ -608,6 +739,10 @@ def runner_main(
                 await role_work(
                     client, args.count, args.concurrency, args.max_s, args.warm, args.start_at_us
                 )
+            )
+        elif args.role == "flow-work":
+            _emit(
+                await role_flow_work(client, args.flows, args.count, args.concurrency, args.max_s)
             )
         elif args.role == "idle-worker":
             await role_idle_worker(client)
@@ -761,6 +896,8 @@ class System(ABC):
     """Its queues live on the run's Redis (else each phase gets a SQLite file)."""
     multi_process: bool = False
     """``--processes N`` applies: N worker processes drain its processed phases together."""
+    flows: bool = False
+    """It has flows (parents run after their children): the flow phase applies."""
 
     def __init__(self, name: str, label: str) -> None:
         self.name = name
@@ -786,6 +923,7 @@ class CorralSystem(System):
     """corral's ``QueueService`` on one backend, run by ``python -m corral.tools.bench``."""
 
     multi_process = True
+    flows = True
 
     def __init__(self, backend: str) -> None:
         super().__init__(f"corral-{backend}", f"corral, {BACKEND_LABELS[backend]} backend")
@@ -953,6 +1091,8 @@ class Bench:
         phases.append(("enqueue under load", lambda p: self._enqueue_under_load(system, p, result)))
         phases.append(("idle pickup across processes", lambda p: self._pickup(system, p, result)))
         phases.append(("idle pickup in process", lambda p: self._pickup_in_process(system, result)))
+        if system.flows:
+            phases.append(("flows", lambda p: self._flows(system, p, result)))
         producer = self.spawn(system, "producer")
         try:
             for title, phase in phases:
@@ -1094,6 +1234,48 @@ class Bench:
             "timed_out": any(a.get("timed_out") for a in answers),
             "elapsed_s": (last_us - first_us) / 1e6,
         }
+
+    def _flows(self, system: System, producer: _Child, result: SystemResult) -> None:
+        plan = self.plan
+        where = self.place(system, "flows")
+        jobs = plan.flows * (plan.flow_children + 1)
+        try:
+            added = producer.call(
+                {
+                    "op": "flow",
+                    **where,
+                    "flows": plan.flows,
+                    "children": plan.flow_children,
+                },
+                self._enqueue_timeout(jobs),
+            )
+            producer.call({"op": "close", **where}, 30)
+            worker = self.spawn(
+                system,
+                "flow-work",
+                **where,
+                flows=plan.flows,
+                count=plan.flow_children,
+                concurrency=plan.flow_concurrency,
+                max_s=plan.max_phase_s,
+            )
+            try:
+                answer = worker.receive(plan.max_phase_s + 60)
+            finally:
+                worker.finish()
+        finally:
+            self.discard(system, where)
+        if not answer.get("ok"):
+            raise BenchError(str(answer.get("error")))
+        children, elapsed_s = int(answer["children"]), float(answer["elapsed_s"])
+        if answer.get("timed_out") or int(answer["parents"]) < plan.flows:
+            raise BenchError(
+                f"{answer['parents']} of {plan.flows} parents ran within {plan.max_phase_s:.0f}s "
+                f"({children} children)"
+            )
+        result.flow_enqueue_per_s = round(int(added["jobs"]) / float(added["elapsed_s"]), 1)
+        result.flow_children_per_s = round((children - 1) / elapsed_s, 1)
+        result.flow_release = pickup_of([float(v) for v in answer["releases_ms"]])
 
     def _gap_s(self) -> float:
         low, high = self.plan.idle_gap_ms
@@ -1314,6 +1496,13 @@ def figure_rows(results: dict[str, SystemResult], plan: Plan) -> list[tuple[str,
     rows.append(
         (f"worker RSS MB {rss_jobs:,} jobs", lambda r: _fmt_mb(r.rss.end_kb if r.rss else None))
     )
+    shape = f"{plan.flows} flows of {plan.flow_children:,}"
+    rows.append((f"flow enqueue jobs /s ({shape})", lambda r: _fmt_rate(r.flow_enqueue_per_s)))
+    rows.append(
+        (f"flow children /s c={plan.flow_concurrency}", lambda r: _fmt_rate(r.flow_children_per_s))
+    )
+    rows.append(("flow parent release p50 ms", functools.partial(_fmt_release, "p50")))
+    rows.append(("flow parent release max ms", functools.partial(_fmt_release, "max")))
     return [
         (title, [cell(r) if r.available else "not installed" for r in results.values()])
         for title, cell in rows
@@ -1393,6 +1582,13 @@ def _fmt_pickup(kind: str, which: str, result: SystemResult) -> str:
     if found is None:
         return "—"
     return _fmt_ms(found.p50_ms if which == "p50" else found.p99_ms)
+
+
+def _fmt_release(which: str, result: SystemResult) -> str:
+    found = result.flow_release
+    if found is None:
+        return "—"
+    return _fmt_ms(found.p50_ms if which == "p50" else found.max_ms)
 
 
 def _fmt_mb(kb: int | None) -> str:
@@ -1513,7 +1709,7 @@ def run_bench(
         else:
             runnable.append((system, version))
             results[system.name] = SystemResult(system.name, system.label, True, version=version)
-    steps_per_system = 4 + len(plan.processed)
+    steps = sum(5 + len(plan.processed) + int(system.flows) for system, _ in runnable)
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -1525,7 +1721,7 @@ def run_bench(
     )
     try:
         with _workdir() as workdir, progress:
-            task = progress.add_task("starting", total=steps_per_system * len(runnable))
+            task = progress.add_task("starting", total=steps)
             bench = Bench(plan, env, workdir, progress, processes)
             try:
                 for system, version in runnable:
@@ -1558,6 +1754,9 @@ def run_bench(
             "idle_gap_ms": list(plan.idle_gap_ms),
             "max_phase_s": plan.max_phase_s,
             "worker_processes": processes,
+            "flows": plan.flows,
+            "flow_children": plan.flow_children,
+            "flow_concurrency": plan.flow_concurrency,
         },
         "systems": {name: asdict(result) for name, result in results.items()},
         "checks": [asdict(check) for check in checks],
@@ -1573,6 +1772,8 @@ def report_from_json(report: dict[str, Any]) -> tuple[dict[str, SystemResult], P
         values["pickup"] = {k: Pickup(**v) for k, v in (values.get("pickup") or {}).items()}
         values["rss"] = Memory(**values["rss"]) if values.get("rss") else None
         values["loop_lag"] = Pickup(**values["loop_lag"]) if values.get("loop_lag") else None
+        release = values.get("flow_release")
+        values["flow_release"] = Pickup(**release) if release else None
         results[name] = SystemResult(**values)
     return results, plan
 
