@@ -24,6 +24,12 @@ import redis
 
 from corral import ConfigError, JobState, QueueMessage, QueueService, QueueSettings
 from test_contract import *  # noqa: F403  (the contract suite, run here against the cluster)
+from test_flows import (  # noqa: F401  (flows across queues: every queue shares the prefix's slot)
+    test_a_completed_job_reused_as_a_child_does_not_release_early,
+    test_fail_policy_fails_the_parents_without_running_them,
+    test_the_same_root_id_twice_writes_nothing_more,
+    test_three_levels_across_two_queues,
+)
 
 from conftest import REDIS_HOST, SettingsFactory, missing, unique_queue_name
 
@@ -272,6 +278,24 @@ async def test_schedules_on_a_cluster(
         assert await service.unschedule("later") and not await service.unschedule("later")
         assert [each.id for each in await service.schedules()] == ["beat"]
         assert (await service.counts())[JobState.DELAYED] == 0
+
+
+async def test_a_flow_over_several_slots_is_refused_before_writing(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corral prefix carries the tag, so its queues always share a slot; were they not to
+    (the check guards the MULTI and moveToFinished's cross-queue writes), the error says why."""
+    from corral import FlowJob
+    from corral.backends.bullmq.connection import RedisStore
+
+    settings = make_settings()
+    monkeypatch.setattr(RedisStore, "slots", staticmethod(lambda keys: set(range(len(keys)))))
+    async with QueueService(settings) as service:
+        with pytest.raises(ConfigError, match=r"share one hash slot.*hash-tagged prefix"):
+            await service.enqueue_flow(
+                FlowJob("parent", children=[FlowJob("leaf", queue=f"{settings.name}-b")])
+            )
+        assert sum((await service.counts()).values()) == 0
 
 
 async def test_the_worker_is_listed_on_one_node(
