@@ -18,13 +18,14 @@ from bullmq.scripts import Scripts
 from corral.backends.bullmq.protocol import (
     LIB_VERSION,
     SCRIPT_FILES,
+    ParentLink,
     Protocol,
     ScriptCall,
     declared_key_count,
     parse_next_job,
     script_source,
 )
-from corral.message import NewJob
+from corral.message import ChildPolicy, NewJob
 from corral.retry import Retry
 
 CHECKED_WITH = "3.4.4"
@@ -55,8 +56,11 @@ def calls() -> list[ScriptCall]:
         "lock_ms": 30_000,
         "fetch_next": True,
     }
+    child = ParentLink(QUEUE, "root", ChildPolicy.FAIL)
     return [
         protocol.add_job(QUEUE, job, opts, 1),
+        protocol.add_job(QUEUE, job, opts, 1, job_id="root", waiting_children=True),
+        protocol.add_job(QUEUE, job, protocol.child_opts(opts, child), 1, parent=child),
         protocol.add_job(QUEUE, NewJob("n", "{}", delay_ms=5), {}, 1),
         protocol.add_job(QUEUE, NewJob("n", "{}", priority=3), {}, 1),
         protocol.move_to_active(QUEUE, "t", 1, 30_000, None),
@@ -97,7 +101,7 @@ def test_every_builder_is_covered() -> None:
     builders = {
         name
         for name, member in inspect.getmembers(Protocol, inspect.isfunction)
-        if not name.startswith("_") and name != "job_opts"
+        if not name.startswith("_") and name not in ("job_opts", "child_opts", "dependency_keys")
     }
     covered = {
         "add_job", "move_to_active", "move_to_finished", "move_to_delayed", "retry_job",
@@ -193,6 +197,45 @@ async def test_schedulers_match_the_package(package_scripts: Scripts) -> None:
     await package_scripts.removeJobScheduler("s")
     ours = protocol.remove_job_scheduler(QUEUE, "s")
     assert (ours.keys, ours.args) == sent[2]
+
+
+@pytest.mark.parametrize("policy", list(ChildPolicy))
+def test_a_flow_child_is_added_as_the_package_adds_it(
+    package_scripts: Scripts, policy: ChildPolicy
+) -> None:
+    """The parent fields of a child (``parentKey``, the dependencies key, ``parent`` with the
+    policy flag) and its encoded opts (``parent``, the short flag), as the package's Job and
+    FlowProducer build them; a parent goes through addParentJob with the package's keys."""
+    protocol = Protocol(PREFIX)
+    long_names = {
+        ChildPolicy.FAIL: "failParentOnFailure",
+        ChildPolicy.CONTINUE: "continueParentOnFailure",
+        ChildPolicy.IGNORE: "ignoreDependencyOnFailure",
+        ChildPolicy.REMOVE: "removeDependencyOnFailure",
+    }
+    parent = {"id": "root", "queue": f"{PREFIX}:p"}
+    queue = SimpleNamespace(backend=None, qualifiedName=f"{PREFIX}:{QUEUE}")
+    theirs = bullmq.Job(
+        queue, "n", {}, {"jobId": "c", "timestamp": 1, "parent": parent, long_names[policy]: True}
+    )
+    their_args = package_scripts.addJobArgs(theirs)
+    ours = protocol.add_job(
+        QUEUE,
+        NewJob("n", "{}", job_id="c"),
+        protocol.child_opts({}, ParentLink("p", "root", policy)),
+        1,
+        parent=ParentLink("p", "root", policy),
+    )
+    assert msgpack.unpackb(ours.args[0])[:7] == msgpack.unpackb(their_args[0])[:7]
+    their_opts, our_opts = msgpack.unpackb(their_args[2]), msgpack.unpackb(ours.args[2])
+    for key in ("parent", "fpof", "cpof", "idof", "rdof"):
+        assert our_opts.get(key) == their_opts.get(key), key
+
+    keys = package_scripts.getKeys(
+        ["meta", "id", "delayed", "waiting-children", "completed", "events"]
+    )
+    ours = protocol.add_job(QUEUE, NewJob("n", "{}"), {}, 1, job_id="root", waiting_children=True)
+    assert (ours.script, ours.keys) == ("addParentJob", keys)
 
 
 def test_next_job_replies_are_read_as_the_package_reads_them() -> None:
