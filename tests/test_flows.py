@@ -443,6 +443,22 @@ async def test_bad_trees_are_refused_before_anything_is_written(
         assert sum((await service.counts()).values()) == 0
 
 
+async def test_a_deep_chain_is_written_whole(make_settings: SettingsFactory) -> None:
+    async with QueueService(make_settings(max_flow_jobs=3000)) as service:
+        steps = chain(*(FlowJob("step", n) for n in range(3000)))
+        flow = await service.enqueue_flow(steps)
+        assert sum(1 for _ in flow.walk()) == 3000
+        counts = await service.counts()
+        assert (counts[JobState.WAITING], counts[JobState.WAITING_CHILDREN]) == (1, 2999)
+        nested: dict[str, Any] = {"name": "step", "data": 0}
+        for n in range(1, 3000):
+            nested = {"name": "step", "data": n, "children": [nested]}
+        built = FlowJob.from_dict(nested)  # as deep, without recursion
+        assert [job.data for job in built.walk()] == [job.data for job in steps.walk()]
+        with pytest.raises(PayloadError, match="more than 3000 jobs"):
+            await service.enqueue_flow(FlowJob("one more", children=[steps]))
+
+
 def test_a_cyclic_tree_is_refused() -> None:
     node: dict[str, Any] = {"name": "a", "children": []}
     node["children"].append({"name": "b", "children": [node]})

@@ -1,11 +1,12 @@
 """Flows: parent jobs that run once their children have settled, across queues.
 
-A flow is a tree of :class:`FlowJob` objects. :func:`enqueue_flow` checks the whole tree first
-(options, job ids, queue names, its size), then has the backend write it atomically: every job of
-the tree or none. A job with children waits in ``waiting-children`` until each child has settled,
-then runs like any job; its handler reads the children's results with
-``await message.children_results()``. What a child's failure does to its parent is the child's
-``on_child_failure`` (BullMQ's four policies, see :class:`~corral.message.ChildPolicy`).
+A flow is a tree of :class:`FlowJob` objects. ``QueueService.enqueue_flow`` checks the whole tree
+first (:func:`plan_flow`: options, job ids, queue names, its size), then has the backend write it
+atomically (:func:`write_flow`): every job of the tree or none. A job with children waits in
+``waiting-children`` until each child has settled, then runs like any job; its handler reads the
+children's results with ``await message.children_results()``. What a child's failure does to
+its parent is the child's ``on_child_failure`` (BullMQ's four policies, see
+:class:`~corral.message.ChildPolicy`).
 
 On the BullMQ backend the tree is stored as Node.js BullMQ's ``FlowProducer`` stores it, so Node
 workers, ``FlowProducer.getFlow`` and Bull Board see corral's flows and corral runs theirs.
@@ -123,7 +124,7 @@ class FlowJob:
         Raises:
             PayloadError: an unknown key, a node that is not a mapping, or a cycle.
         """
-        return _from_mapping(spec, "root", set())
+        return _from_mapping(spec)
 
     def walk(self) -> Iterator[FlowJob]:
         """This job and every job under it, parents before their children."""
@@ -180,12 +181,58 @@ def _flow_job(value: Any, what: str) -> FlowJob:
     return value
 
 
-def _from_mapping(spec: Any, path: str, seen: set[int]) -> FlowJob:
-    if isinstance(spec, FlowJob):
-        return spec
+def _from_mapping(root: Any) -> FlowJob:
+    """The FlowJob tree of nested mappings, built children first without recursion (a chain
+    is as deep as it is long)."""
+    specs: list[tuple[Mapping[str, Any], int | None, int]] = []  # (spec, parent, place)
+    kids: list[list[int]] = []
+    built: list[FlowJob | None] = []
+    on_path: set[int] = set()  # the mappings from the root down to the one being read
+
+    def path(parent: int | None, number: int) -> str:
+        parts: list[str] = []
+        while parent is not None:
+            parts.append(f"children[{number}]")
+            _, parent, number = specs[parent]
+        return ".".join(["root", *reversed(parts)])
+
+    # (False, index) finishes a mapping once its children are built.
+    stack: list[tuple[bool, Any, int | None, int]] = [(True, root, None, 0)]
+    while stack:
+        entering, item, parent, number = stack.pop()
+        if not entering:
+            spec = specs[item][0]
+            on_path.discard(id(spec))
+            options = {k: v for k, v in spec.items() if k not in ("name", "children")}
+            children = [job for k in kids[item] if (job := built[k]) is not None]
+            built[item] = FlowJob(spec["name"], children=children, **options)
+            continue
+        index = len(specs)
+        if isinstance(item, FlowJob):
+            specs.append(({}, parent, number))
+            kids.append([])
+            built.append(item)
+        else:
+            spec = _checked_mapping(item, path(parent, number), on_path)
+            specs.append((spec, parent, number))
+            kids.append([])
+            built.append(None)
+            on_path.add(id(spec))
+            stack.append((False, index, None, 0))
+            children = list(spec.get("children", ()))
+            for child_number in range(len(children) - 1, -1, -1):
+                stack.append((True, children[child_number], index, child_number))
+        if parent is not None:
+            kids[parent].append(index)
+    top = built[0]
+    assert top is not None
+    return top
+
+
+def _checked_mapping(spec: Any, path: str, on_path: set[int]) -> Mapping[str, Any]:
     if not isinstance(spec, Mapping):
         raise PayloadError(f"flow job {path} must be a mapping or a FlowJob, got {spec!r}")
-    if id(spec) in seen:
+    if id(spec) in on_path:
         raise PayloadError(f"flow job {path} contains itself (a cycle); a flow is a tree")
     unknown = sorted(str(key) for key in spec if key not in FLOW_JOB_OPTIONS)
     if unknown:
@@ -198,16 +245,7 @@ def _from_mapping(spec: Any, path: str, seen: set[int]) -> FlowJob:
     children = spec.get("children", ())
     if isinstance(children, Mapping | str | bytes) or not isinstance(children, Iterable):
         raise PayloadError(f"'children' of flow job {path} must be a list, got {children!r}")
-    seen.add(id(spec))
-    try:
-        kids = [
-            _from_mapping(child, f"{path}.children[{index}]", seen)
-            for index, child in enumerate(children)
-        ]
-    finally:
-        seen.discard(id(spec))
-    options = {key: value for key, value in spec.items() if key not in ("name", "children")}
-    return FlowJob(spec["name"], children=kids, **options)
+    return spec
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -215,10 +253,9 @@ def _from_mapping(spec: Any, path: str, seen: set[int]) -> FlowJob:
 
 @dataclass(slots=True)
 class FlowPlan:
-    """A checked flow: the entries the backend writes and, for each, its job."""
+    """A checked flow: the entries the backend writes, parents first."""
 
     entries: list[FlowEntry]
-    jobs: list[FlowJob]
 
 
 def plan_flow(service: QueueService, flow: FlowJob | Mapping[str, Any]) -> FlowPlan:
@@ -231,41 +268,54 @@ def plan_flow(service: QueueService, flow: FlowJob | Mapping[str, Any]) -> FlowP
     root = flow if isinstance(flow, FlowJob) else FlowJob.from_dict(_mapping(flow))
     limit = service.settings.max_flow_jobs
     entries: list[FlowEntry] = []
-    jobs: list[FlowJob] = []
-    ids: dict[str, str] = {}
-    # Pre-order with an explicit stack: a chain of thousands is as deep as it is long.
-    stack: list[tuple[Any, str, int | None]] = [(root, "root", None)]
+    numbers: list[int] = []  # each entry's place among its parent's children
+    ids: dict[str, int] = {}
+
+    def path(parent: int | None, number: int) -> str:
+        # Built only for an error: a chain of thousands is as deep as it is long.
+        parts: list[str] = []
+        while parent is not None:
+            parts.append(f"children[{number}]")
+            number = numbers[parent]
+            parent = entries[parent].parent
+        return ".".join(["root", *reversed(parts)])
+
+    stack: list[tuple[Any, int | None, int]] = [(root, None, 0)]
     while stack:
-        job, path, parent = stack.pop()
+        job, parent, number = stack.pop()
         if not isinstance(job, FlowJob):
-            raise PayloadError(f"flow job {path} must be a FlowJob, got {job!r}")
+            raise PayloadError(f"flow job {path(parent, number)} must be a FlowJob, got {job!r}")
         if len(entries) >= limit:
             raise PayloadError(
                 f"the flow has more than {limit} jobs (QUEUE_MAX_FLOW_JOBS); split it, or raise "
                 "the limit"
             )
-        where = f"flow job {path} ({job.name!r})"
-        new = _new_job(service, job, where)
+        try:
+            new = _new_job(service, job)
+        except PayloadError as exc:
+            raise PayloadError(f"flow job {path(parent, number)} ({job.name!r}): {exc}") from None
         if new.job_id is not None:
             if new.job_id in ids:
+                other = ids[new.job_id]
                 raise PayloadError(
-                    f"{where}: job_id {new.job_id!r} is also used by flow job {ids[new.job_id]}; "
+                    f"flow job {path(parent, number)} ({job.name!r}): job_id {new.job_id!r} is "
+                    f"also used by flow job {path(entries[other].parent, numbers[other])}; "
                     "every job of a flow needs its own id"
                 )
-            ids[new.job_id] = path
+            ids[new.job_id] = len(entries)
         try:
             policy = ChildPolicy(job.on_child_failure)
         except ValueError:
             raise PayloadError(
-                f"{where}: on_child_failure must be one of {_POLICIES}, "
-                f"got {job.on_child_failure!r}"
+                f"flow job {path(parent, number)} ({job.name!r}): on_child_failure must be one "
+                f"of {_POLICIES}, got {job.on_child_failure!r}"
             ) from None
         index = len(entries)
         entries.append(FlowEntry(new, parent, policy, bool(job.children)))
-        jobs.append(job)
-        for number in range(len(job.children) - 1, -1, -1):
-            stack.append((job.children[number], f"{path}.children[{number}]", index))
-    return FlowPlan(entries, jobs)
+        numbers.append(number)
+        for child_number in range(len(job.children) - 1, -1, -1):
+            stack.append((job.children[child_number], index, child_number))
+    return FlowPlan(entries)
 
 
 def _mapping(flow: Any) -> Mapping[str, Any]:
@@ -274,25 +324,22 @@ def _mapping(flow: Any) -> Mapping[str, Any]:
     return flow
 
 
-def _new_job(service: QueueService, job: FlowJob, where: str) -> NewJob:
+def _new_job(service: QueueService, job: FlowJob) -> NewJob:
     queue = job.queue if job.queue is not None else service.settings.name
     try:
         check_queue_name(queue)
     except ValueError as exc:
-        raise PayloadError(f"{where}: queue name {queue!r} {exc}") from None
-    try:
-        return service.build_job(
-            job.name,
-            job.data,
-            delay_s=job.delay_s,
-            priority=job.priority,
-            attempts=job.attempts,
-            backoff=job.backoff,
-            job_id=job.job_id,
-            queue=queue,
-        )
-    except PayloadError as exc:
-        raise PayloadError(f"{where}: {exc}") from None
+        raise PayloadError(f"queue name {queue!r} {exc}") from None
+    return service.build_job(
+        job.name,
+        job.data,
+        delay_s=job.delay_s,
+        priority=job.priority,
+        attempts=job.attempts,
+        backoff=job.backoff,
+        job_id=job.job_id,
+        queue=queue,
+    )
 
 
 # -- running -----------------------------------------------------------------------------------
