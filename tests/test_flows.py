@@ -565,6 +565,29 @@ async def test_a_burst_worker_of_every_queue_runs_the_whole_flow(
         assert rec.ran[-1] == ("parent", "root")
 
 
+async def test_a_move_leaves_the_jobs_of_flows_behind(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    target = make_settings(name=f"{settings.name}-moved")
+    async with QueueService(settings) as service:
+        Recorder(service)
+        # A failed parent (its child failed it) and that child: failed jobs move, these not.
+        doomed = await service.enqueue_flow(FlowJob("parent", children=[FlowJob("boom", 1)]))
+        assert (await run_until_settled(service, doomed, [settings.name])).state is (
+            JobState.FAILED
+        )
+        alone = await service.enqueue("leaf", 1, job_id="alone")  # its own id: same file
+        flow = await service.enqueue_flow(
+            FlowJob("parent", children=[FlowJob("leaf", 2), FlowJob("leaf", 3)])
+        )
+        report = await service.move_to(target)
+        assert report.total_moved == 1  # only the job outside any flow
+        stayed = {doomed.id, doomed.children[0].id, *(n.id for n in flow.children)}
+        assert sorted(report.in_flow) == sorted(stayed)
+        assert (await service.get_job(alone)) is None
+        assert (await job_of(service, flow)).state is JobState.WAITING_CHILDREN
+        assert {c.status for c in await service.get_children(flow.id)} == {ChildStatus.PENDING}
+
+
 async def test_enqueue_flow_sync(service: QueueService) -> None:
     flow = await asyncio.to_thread(
         service.enqueue_flow_sync, FlowJob("parent", children=[FlowJob("leaf", 1)])

@@ -123,6 +123,7 @@ def _report_json(report: MoveReport) -> dict[str, Any]:
         "changed": report.changed,
         "duplicated": report.duplicated,
         "active_skipped": report.active_skipped,
+        "in_flow": report.in_flow,
         "schedules": report.schedules,
         "left": {state.value: count for state, count in report.left.items()},
     }
@@ -147,6 +148,13 @@ def _print_report(report: MoveReport, source: QueueSettings, target: QueueSettin
         out.print(
             f"skipped {report.active_skipped} active job(s): they finish where they run; stop "
             "the workers and move again to take them along",
+            markup=False,
+        )
+    if report.in_flow:
+        shown = ", ".join(report.in_flow[:10]) + (" ..." if len(report.in_flow) > 10 else "")
+        out.print(
+            f"{len(report.in_flow)} job(s) of flows stay in the source (their parents and "
+            f"children do not move with them): {shown}",
             markup=False,
         )
     if report.conflicts:

@@ -319,6 +319,9 @@ class JobRecord:
     tracebacks: list[str] = field(default_factory=list)
     progress_json: str | None = None
     logs: list[str] = field(default_factory=list)
+    in_flow: bool = False
+    """The job has a parent or children in a flow: a move leaves it where it is, since those
+    links (and the children's results) do not travel with it."""
 
 
 class ImportOutcome(enum.StrEnum):

@@ -14,7 +14,8 @@ Jobs are copied batch by batch through three primitives of every backend
 
 So a job is never in neither store, and a re-run after an interruption (even ``kill -9``) picks up
 where the last one stopped without copying anything twice. Active jobs are not moved: stop the
-workers first.
+workers first. Nor are the jobs of a flow (with a parent or children): the links between them
+stay behind, so they do too.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class MoveReport:
     are in both queues. Empty unless workers ran on both sides during the move."""
     active_skipped: int = 0
     """Active jobs of the source when the move started: never moved."""
+    in_flow: list[str] = field(default_factory=list)
+    """Jobs of a flow (with a parent or children): they stay in the source, since the links
+    between them do not travel."""
     schedules: int = 0
     """Schedules moved (see :func:`move_schedules`)."""
     left: dict[JobState, int] = field(default_factory=dict)
@@ -137,6 +141,12 @@ async def _move_batch(
 ) -> int:
     """Move one batch; return how many of its jobs stay where they were read (the next read
     skips them)."""
+    linked = [record for record in records if record.in_flow]
+    if linked:
+        report.in_flow += [record.id for record in linked]
+        records = [record for record in records if not record.in_flow]
+        if not records:
+            return len(linked)
     outcomes = await target.import_jobs(records, dry_run=report.dry_run)
     if report.dry_run:
         for record, outcome in zip(records, outcomes, strict=True):
@@ -146,8 +156,8 @@ async def _move_batch(
                 report.already_there += 1
             else:
                 report.moved[record.state] += 1
-        return len(records)
-    stays = 0
+        return len(records) + len(linked)
+    stays = len(linked)
     copied: list[tuple[JobRecord, ImportOutcome]] = []
     for record, outcome in zip(records, outcomes, strict=True):
         if outcome is ImportOutcome.CONFLICT:

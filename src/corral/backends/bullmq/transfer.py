@@ -69,11 +69,22 @@ async def export_jobs(
             ids = [str(i) for i in await client.zrange(k["failed"], offset, offset + limit - 1)]
         keys = [k[""] + job_id for job_id in ids]
         rows = await client.eval(EXPORT_JOBS_LUA, len(keys), *keys) if keys else []
+        # A parent's view of its children (pending or settled) lives in keys of its own.
+        parents: list[Any] = []
+        if keys:
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(
+                        *backend.protocol.dependency_keys(backend.queue_name, job_id).values()
+                    )
+                parents = await pipe.execute()
     records = []
-    for job_id, (flat, logs) in zip(ids, rows, strict=True):
+    for job_id, (flat, logs), children in zip(ids, rows, parents, strict=True):
         if flat:  # removed between the two reads
             raw = {str(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-            records.append(_record(job_id, raw, [str(line) for line in logs], state, due))
+            record = _record(job_id, raw, [str(line) for line in logs], state, due)
+            record.in_flow = bool(raw.get("parentKey")) or bool(children)
+            records.append(record)
     return records
 
 

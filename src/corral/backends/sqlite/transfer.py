@@ -24,7 +24,8 @@ _EXPORT_ORDER = {
 
 _EXPORT_COLUMNS = (
     "seq, custom_id, name, data, priority, max_attempts, attempts_made, backoff, enqueued_at, "
-    "run_at, finished_at, error, traceback, tracebacks, progress, logs"
+    "run_at, finished_at, error, traceback, tracebacks, progress, logs, parent_seq IS NOT NULL "
+    "OR EXISTS (SELECT 1 FROM dependencies WHERE dependencies.parent_seq = jobs.seq)"
 )
 
 _IMPORT = (
@@ -78,6 +79,7 @@ def _record(row: Sequence[Any], state: JobState) -> JobRecord:
         traces,
         progress,
         logs,
+        in_flow,
     ) = row
     tracebacks = decode_lenient(traces)
     if not isinstance(tracebacks, list):
@@ -103,6 +105,7 @@ def _record(row: Sequence[Any], state: JobState) -> JobRecord:
         tracebacks=[str(t) for t in tracebacks],
         progress_json=progress if isinstance(progress, str) else None,
         logs=[str(line) for line in lines] if isinstance(lines, list) else [],
+        in_flow=bool(in_flow),
     )
 
 
