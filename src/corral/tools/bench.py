@@ -1088,7 +1088,10 @@ class Bench:
                     ),
                 )
             )
-        phases.append(("enqueue under load", lambda p: self._enqueue_under_load(system, p, result)))
+        if isinstance(system, CorralSystem):  # the loop corral's producers run on
+            phases.append(
+                ("enqueue under load", lambda p: self._enqueue_under_load(system, p, result))
+            )
         phases.append(("idle pickup across processes", lambda p: self._pickup(system, p, result)))
         phases.append(("idle pickup in process", lambda p: self._pickup_in_process(system, result)))
         if system.flows:
