@@ -392,6 +392,28 @@ async def test_a_job_retried_from_bull_board_says_so(
     assert "traceback 3 of 3:" in shown.stdout
 
 
+async def test_queues_only_node_writes_to_are_listed_and_managed(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    node_only = make_settings()  # a queue corral never writes to
+    custom = make_settings(name=node_only.name + "-ids")  # Node jobs with custom ids only
+    produced = await run_node(
+        "producer.mjs", node_args(node_only, jobs=[{"name": "resize", "data": {"w": 320}}])
+    )
+    await run_node(
+        "producer.mjs",
+        node_args(custom, jobs=[{"name": "mail", "data": 1, "opts": {"jobId": "welcome-ada"}}]),
+    )
+    async with QueueService(make_settings(name=node_only.name + "-other")) as service:
+        queues = await service.list_queues()
+        assert node_only.name in queues and custom.name in queues
+        node_backend = service.backend.for_queue(node_only.name)
+        assert (await node_backend.counts())[JobState.WAITING] == 1
+        found = await node_backend.search_jobs(JobState.WAITING, name="RESIZE")
+        assert [job.id for job in found.jobs] == produced["ids"]
+        assert found.jobs[0].data == {"w": 320}
+
+
 # -- moved jobs ------------------------------------------------------------------------------------
 
 

@@ -335,3 +335,13 @@ class ImportOutcome(enum.StrEnum):
     CONFLICT = "conflict"
     """The id is taken by a different job (another name or data, or, for a queue-assigned
     number on SQLite, a job of another queue in the same file); nothing was written."""
+
+
+@dataclass(slots=True)
+class JobSearch:
+    """One step of a search through a state's jobs (:meth:`QueueBackend.search_jobs`)."""
+
+    jobs: list[JobInfo]
+    """The matching jobs found in this step, in the state's order."""
+    next_offset: int | None
+    """Where the next step starts; ``None`` once the end of the state was reached."""

@@ -15,7 +15,16 @@ from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.flows import FlowJob, FlowNode, plan_flow, read_flow, write_flow
 from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, is_async
 from corral.jobs import check_attempts, check_name, new_job
-from corral.message import Child, JobInfo, JobRef, JobState, NewJob, Outcome, QueueMessage
+from corral.message import (
+    Child,
+    JobInfo,
+    JobRef,
+    JobSearch,
+    JobState,
+    NewJob,
+    Outcome,
+    QueueMessage,
+)
 from corral.retry import Retry
 from corral.schedules import (
     NewSchedule,
@@ -549,12 +558,7 @@ class QueueService:
         self, state: JobState | str, *, limit: int = 50, offset: int = 0
     ) -> list[JobInfo]:
         """Jobs in ``state`` (see :meth:`QueueBackend.list_jobs`)."""
-        try:
-            job_state = JobState(state)
-        except ValueError:
-            allowed = ", ".join(s.value for s in JobState)
-            raise ConfigError(f"unknown state {state!r}; use one of {allowed}") from None
-        return await self.backend.list_jobs(job_state, limit=limit, offset=offset)
+        return await self.backend.list_jobs(_state(state), limit=limit, offset=offset)
 
     async def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state."""
@@ -563,6 +567,57 @@ class QueueService:
     async def retry_failed(self, *, limit: int | None = None) -> int:
         """Replay failed jobs (fresh attempts); return how many were moved back to waiting."""
         return await self.backend.retry_failed(limit=limit)
+
+    async def retry_job(self, job_id: str) -> bool:
+        """Replay one failed job (fresh attempts); ``False`` if there is no failed job with
+        that id."""
+        return await self.backend.retry_job(job_id)
+
+    async def clean(self, state: JobState | str, *, older_than_s: float = 0, keep: int = 0) -> int:
+        """Delete ``completed`` or ``failed`` jobs that finished at least ``older_than_s`` ago,
+        except the newest ``keep``; return how many were deleted."""
+        job_state = _state(state)
+        if job_state not in (JobState.COMPLETED, JobState.FAILED):
+            raise ConfigError(
+                f"only finished jobs are cleaned: 'completed' or 'failed', not {state!r}"
+            )
+        if (
+            isinstance(older_than_s, bool)
+            or not isinstance(older_than_s, int | float)
+            or not (math.isfinite(older_than_s) and older_than_s >= 0)
+        ):
+            raise ConfigError(f"older_than_s must be a number >= 0, got {older_than_s!r}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ConfigError(f"keep must be a whole number >= 0, got {keep!r}")
+        return await self.backend.clean(
+            job_state, older_than_ms=round(older_than_s * 1000), keep=keep
+        )
+
+    async def search_jobs(
+        self,
+        state: JobState | str,
+        name: str,
+        *,
+        offset: int = 0,
+        limit: int = 50,
+        window: int = 10_000,
+    ) -> JobSearch:
+        """Jobs in ``state`` whose name contains ``name`` (case-insensitive), looking at
+        ``window`` jobs from ``offset`` on; continue from ``result.next_offset`` (see
+        :meth:`QueueBackend.search_jobs`)."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError("search for a non-empty part of a job name")
+        for value, what, low in ((offset, "offset", 0), (limit, "limit", 1), (window, "window", 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{what} must be a whole number >= {low}, got {value!r}")
+        return await self.backend.search_jobs(
+            _state(state), name=name, offset=offset, limit=limit, window=window
+        )
+
+    async def list_queues(self) -> list[str]:
+        """Every queue on this service's storage, sorted (see
+        :meth:`QueueBackend.list_queues`: on Redis a keyspace scan)."""
+        return await self.backend.list_queues()
 
     async def remove(self, job_id: str) -> bool:
         """Delete a job that is not active; ``False`` if it did not exist.
@@ -648,3 +703,11 @@ class QueueService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _state(state: JobState | str) -> JobState:
+    try:
+        return JobState(state)
+    except ValueError:
+        allowed = ", ".join(s.value for s in JobState)
+        raise ConfigError(f"unknown state {state!r}; use one of {allowed}") from None

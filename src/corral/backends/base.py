@@ -28,6 +28,7 @@ from corral.message import (
     ImportOutcome,
     JobInfo,
     JobRecord,
+    JobSearch,
     JobState,
     NewJob,
     Outcome,
@@ -204,6 +205,46 @@ class QueueBackend(ABC):
     @abstractmethod
     async def retry_failed(self, *, limit: int | None = None) -> int:
         """Move failed jobs back to waiting with a fresh set of attempts; return how many."""
+
+    @abstractmethod
+    async def retry_job(self, job_id: str) -> bool:
+        """Move one failed job back to waiting with a fresh set of attempts, as
+        :meth:`retry_failed` does; ``False`` if there is no failed job with that id (a job in
+        another state is left as it is)."""
+
+    @abstractmethod
+    async def clean(self, state: JobState, *, older_than_ms: int = 0, keep: int = 0) -> int:
+        """Delete jobs of the finished ``state`` (completed or failed, checked by the caller)
+        that finished at least ``older_than_ms`` ago, except the newest ``keep`` of that state;
+        return how many were deleted.
+
+        Deletes in batches of short writes, so workers are not held up while a large set is
+        cleaned; jobs that finish meanwhile are newer than the cut-off and stay.
+        """
+
+    @abstractmethod
+    async def search_jobs(
+        self, state: JobState, *, name: str, offset: int = 0, limit: int = 50, window: int = 10_000
+    ) -> JobSearch:
+        """Jobs in ``state`` whose name contains ``name`` (case-insensitive), in
+        :meth:`list_jobs` order, looking at the ``window`` jobs from position ``offset`` on.
+
+        Bounded on purpose: neither backend indexes names, so one call reads at most ``window``
+        names. It stops early once ``limit`` jobs matched; :attr:`JobSearch.next_offset` says
+        where the next call continues (``None`` once the end of the state was reached).
+        """
+
+    @abstractmethod
+    async def list_queues(self) -> list[str]:
+        """Every queue on this backend's storage, sorted by name: each queue holding jobs in
+        any state or paused, whoever wrote it (on Redis, queues under ``settings.prefix`` that
+        only Node.js writes to as well).
+
+        SQLite answers from its indexes (a step per queue). Redis has no list of queues: the
+        keyspace is scanned (SCAN, never KEYS) for the queues' ``meta`` and ``id`` keys, which
+        takes time in proportion to the keys in the database, so callers that show it often
+        cache it.
+        """
 
     @abstractmethod
     async def remove(self, job_id: str) -> bool:
@@ -440,3 +481,8 @@ def dead_letter_note(queue: str, job_id: str, attempts_made: int, reason: str) -
         f"dead-lettered from queue {queue!r} job {job_id} after {attempts_made} attempt(s): "
         f"{reason}"
     )
+
+
+def name_matches(needle: str, name: str) -> bool:
+    """How :meth:`QueueBackend.search_jobs` matches a job's name, the same on every backend."""
+    return needle.casefold() in name.casefold()

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from corral.backends.base import PullBackend
+from corral.backends.base import PullBackend, name_matches
 from corral.backends.bullmq import transfer
 from corral.backends.bullmq.connection import Client, RedisStore
 from corral.backends.bullmq.flows import read_children, write_flow
@@ -45,6 +45,7 @@ from corral.message import (
     JobInfo,
     JobRecord,
     JobRef,
+    JobSearch,
     JobState,
     NewJob,
 )
@@ -155,32 +156,44 @@ class BullMQBackend(PullBackend):
     ) -> list[JobInfo]:
         if limit <= 0:
             return []
-        offset = max(0, offset)
-        k = self.keys
         with self.store.errors(f"listing {state.value} jobs"):
             client = await self.store.ready(self.queue_name)
-            scores: dict[str, float] = {}
-            if state is JobState.WAITING:
-                ids = await self._waiting_ids(client, offset, limit)
-            elif state is JobState.DELAYED:
-                pairs: list[Any] = await client.zrange(
-                    k["delayed"], offset, offset + limit - 1, withscores=True
-                )
-                scores = {str(member): float(score) for member, score in pairs}
-                ids = list(scores)
-            elif state is JobState.WAITING_CHILDREN:  # a sorted set by timestamp
-                ids = _strs(await client.zrange(k["waiting-children"], offset, offset + limit - 1))
-            elif state is JobState.ACTIVE:
-                # The active list grows on the left: read from the right, first started first.
-                ids = _strs(await client.lrange(k["active"], -(offset + limit), -(offset + 1)))
-                ids.reverse()
-            else:
-                ids = _strs(await client.zrevrange(k[state.value], offset, offset + limit - 1))
-            async with client.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(self._job_key(job_id))
-                    pipe.lrange(self._job_key(job_id) + ":logs", 0, -1)
-                rows = await pipe.execute()
+            ids, scores = await self._state_ids(client, state, max(0, offset), limit)
+            return await self._read_jobs(client, state, ids, scores)
+
+    async def _state_ids(
+        self, client: Client, state: JobState, offset: int, limit: int
+    ) -> tuple[list[str], dict[str, float]]:
+        """Ids of the jobs at positions ``offset`` to ``offset + limit - 1`` of ``state``, in
+        :meth:`list_jobs` order; for delayed jobs also their scores (when they are due)."""
+        k = self.keys
+        scores: dict[str, float] = {}
+        if state is JobState.WAITING:
+            ids = await self._waiting_ids(client, offset, limit)
+        elif state is JobState.DELAYED:
+            pairs: list[Any] = await client.zrange(
+                k["delayed"], offset, offset + limit - 1, withscores=True
+            )
+            scores = {str(member): float(score) for member, score in pairs}
+            ids = list(scores)
+        elif state is JobState.WAITING_CHILDREN:  # a sorted set by timestamp
+            ids = _strs(await client.zrange(k["waiting-children"], offset, offset + limit - 1))
+        elif state is JobState.ACTIVE:
+            # The active list grows on the left: read from the right, first started first.
+            ids = _strs(await client.lrange(k["active"], -(offset + limit), -(offset + 1)))
+            ids.reverse()
+        else:
+            ids = _strs(await client.zrevrange(k[state.value], offset, offset + limit - 1))
+        return ids, scores
+
+    async def _read_jobs(
+        self, client: Client, state: JobState, ids: Sequence[str], scores: Mapping[str, float]
+    ) -> list[JobInfo]:
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self._job_key(job_id))
+                pipe.lrange(self._job_key(job_id) + ":logs", 0, -1)
+            rows = await pipe.execute()
         infos = []
         for index, job_id in enumerate(ids):
             raw, logs = rows[2 * index], rows[2 * index + 1]
@@ -188,6 +201,30 @@ class BullMQBackend(PullBackend):
                 state_name = "waiting" if state is JobState.WAITING else state.value
                 infos.append(self._info(job_id, raw, state_name, logs, scores.get(job_id)))
         return infos
+
+    async def search_jobs(
+        self, state: JobState, *, name: str, offset: int = 0, limit: int = 50, window: int = 10_000
+    ) -> JobSearch:
+        offset = max(0, offset)
+        with self.store.errors(f"searching {state.value} jobs"):
+            client = await self.store.ready(self.queue_name)
+            ids, scores = (
+                await self._state_ids(client, state, offset, window) if window > 0 else ([], {})
+            )
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(self._job_key(job_id), "name")
+                names = await pipe.execute()
+            found: list[str] = []
+            next_offset: int | None = offset + len(ids) if len(ids) == window else None
+            for position, (job_id, job_name) in enumerate(zip(ids, names, strict=True)):
+                if job_name is not None and name_matches(name, str(job_name)):
+                    found.append(job_id)
+                    if len(found) >= limit:
+                        next_offset = offset + position + 1
+                        break
+            jobs = await self._read_jobs(client, state, found, scores) if found else []
+        return JobSearch(jobs, next_offset)
 
     async def _waiting_ids(self, client: Client, offset: int, limit: int) -> list[str]:
         """Waiting job ids in delivery order: ``wait`` (oldest at the right end, where
@@ -250,6 +287,63 @@ class BullMQBackend(PullBackend):
         if moved:
             self._wake()
         return moved
+
+    async def retry_job(self, job_id: str) -> bool:
+        with self.store.errors(f"retrying job {job_id}"):
+            await self.store.ready(self.queue_name)
+            result = await self.store.run(self.protocol.reprocess_failed(self.queue_name, job_id))
+        if result == 1:
+            self._wake()
+            return True
+        return False  # -1: no such job, -3: it is not failed
+
+    async def clean(self, state: JobState, *, older_than_ms: int = 0, keep: int = 0) -> int:
+        # The finished sets are scored by finishedOn, so the oldest come first and a score
+        # range gives the age; ranks below ZCARD - keep leave the newest ``keep`` alone.
+        key = self.keys[state.value]
+        cutoff = now_ms() - max(0, older_than_ms)
+        deleted = 0
+        with self.store.errors(f"cleaning {state.value} jobs"):
+            client = await self.store.ready(self.queue_name)
+            while True:
+                may_go = await client.zcard(key) - max(0, keep)
+                if may_go <= 0:
+                    break
+                ids = _strs(
+                    await client.zrangebyscore(
+                        key, "-inf", cutoff, start=0, num=min(may_go, _CLEAN_BATCH)
+                    )
+                )
+                if not ids:
+                    break
+                results = await self.store.run_many(
+                    [self.protocol.remove_job(self.queue_name, job_id) for job_id in ids]
+                )
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
+                removed = sum(1 for result in results if result == 1)
+                deleted += removed
+                if removed == 0:  # ids without a job hash: nothing more this call can do
+                    await client.zrem(key, *ids)
+                    break
+        return deleted
+
+    async def list_queues(self) -> list[str]:
+        prefix = self.settings.prefix + ":"
+        # One pass over the keyspace for both suffixes; the exact match is checked here.
+        pattern = _glob_escape(prefix) + "*:[mi][ed]*"
+        names: set[str] = set()
+        with self.store.errors("listing the queues"):
+            client = self.store.client()
+            async for key in client.scan_iter(match=pattern, count=5000):
+                text = str(key)
+                for suffix in (":meta", ":id"):
+                    if text.endswith(suffix):
+                        name = text[len(prefix) : -len(suffix)]
+                        if name and ":" not in name:
+                            names.add(name)
+        return sorted(names)
 
     async def remove(self, job_id: str) -> bool:
         with self.store.errors(f"removing job {job_id}"):
@@ -392,6 +486,15 @@ class BullMQBackend(PullBackend):
         if parent_key:
             return JobRef(*keys.split_job_key(parent_key))
         return None
+
+
+_CLEAN_BATCH = 1000
+"""Jobs removed per round trip by ``clean`` (each its own removeJob script)."""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 def _strs(values: Any) -> list[str]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from corral.backends.base import PullBackend
+from corral.backends.base import PullBackend, name_matches
 from corral.backends.sqlite import flows, schedules, transfer
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
@@ -31,6 +31,7 @@ from corral.message import (
     JobInfo,
     JobRecord,
     JobRef,
+    JobSearch,
     JobState,
     NewJob,
 )
@@ -53,6 +54,24 @@ _LIST_ORDER = {
     JobState.COMPLETED: "finished_at DESC, seq DESC",
     JobState.FAILED: "finished_at DESC, seq DESC",
 }
+
+_CLEAN_BATCH = 5000
+"""Jobs deleted per write transaction by ``clean``: each holds the write lock only briefly."""
+
+
+def _distinct_queues(state: str) -> str:
+    return (
+        f"SELECT queue FROM (WITH RECURSIVE step(queue) AS ("
+        f"SELECT (SELECT min(queue) FROM jobs WHERE state = '{state}') UNION ALL "
+        f"SELECT (SELECT min(queue) FROM jobs WHERE state = '{state}' AND queue > step.queue) "
+        "FROM step WHERE step.queue IS NOT NULL) SELECT queue FROM step)"
+    )
+
+
+_QUEUES_SQL = " UNION ".join(
+    [_distinct_queues(state) for state in ("waiting", "delayed", "active", "completed", "failed")]
+    + ["SELECT name FROM queues"]
+)
 
 
 class SQLiteBackend(PullBackend):
@@ -183,6 +202,87 @@ class SQLiteBackend(PullBackend):
         if moved:
             self.db.notify(self.queue_name)
         return moved
+
+    async def retry_job(self, job_id: str) -> bool:
+        where, params = self._id_clause(job_id)
+        now = now_ms()
+
+        def retry(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'waiting', attempts_made = 0, stalls = 0, run_at = ?, "
+                f"finished_at = NULL WHERE {where} AND state = 'failed'",
+                (now, *params),
+            )
+            return cursor.rowcount == 1
+
+        moved = await self.db.write(retry)
+        if moved:
+            self.db.notify(self.queue_name)
+        return moved
+
+    async def clean(self, state: JobState, *, older_than_ms: int = 0, keep: int = 0) -> int:
+        cutoff = now_ms() - max(0, older_than_ms)
+        where = f"queue = ? AND state = '{state.value}'"  # a literal: the partial index applies
+
+        def delete_batch(conn: sqlite3.Connection) -> int:
+            bound = ""
+            params: tuple[Any, ...] = (self.queue_name, cutoff)
+            if keep > 0:
+                # The newest job past the ones kept: it and everything older may go.
+                row = conn.execute(
+                    f"SELECT finished_at, seq FROM jobs WHERE {where} "
+                    "ORDER BY finished_at DESC, seq DESC LIMIT 1 OFFSET ?",
+                    (self.queue_name, keep),
+                ).fetchone()
+                if row is None:
+                    return 0
+                bound = " AND (finished_at < ? OR (finished_at = ? AND seq <= ?))"
+                params += (row[0], row[0], row[1])
+            return conn.execute(
+                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {where} "
+                f"AND finished_at <= ?{bound} ORDER BY finished_at, seq LIMIT {_CLEAN_BATCH})",
+                params,
+            ).rowcount
+
+        deleted = 0
+        while True:
+            done = await self.db.write(delete_batch)
+            deleted += done
+            if done < _CLEAN_BATCH:
+                return deleted
+
+    async def search_jobs(
+        self, state: JobState, *, name: str, offset: int = 0, limit: int = 50, window: int = 10_000
+    ) -> JobSearch:
+        offset = max(0, int(offset))
+        rows = self.db.read(
+            f"SELECT seq, name FROM jobs WHERE queue = ? AND state = '{state.value}' "
+            f"ORDER BY {_LIST_ORDER[state]} LIMIT ? OFFSET ?",
+            (self.queue_name, max(0, int(window)), offset),
+        )
+        found: list[int] = []
+        next_offset: int | None = offset + len(rows) if len(rows) == window else None
+        for position, (seq, job_name) in enumerate(rows):
+            if name_matches(name, job_name):
+                found.append(seq)
+                if len(found) >= limit:
+                    next_offset = offset + position + 1
+                    break
+        if not found:
+            return JobSearch([], next_offset)
+        marks = ",".join("?" * len(found))
+        by_seq = {
+            row[0]: _info(row)
+            for row in self.db.read(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE seq IN ({marks})", tuple(found)
+            )
+        }
+        return JobSearch([by_seq[seq] for seq in found if seq in by_seq], next_offset)
+
+    async def list_queues(self) -> list[str]:
+        # A loose index scan of each state's partial index: one step per queue, not per job.
+        rows = self.db.read(_QUEUES_SQL)
+        return sorted({str(row[0]) for row in rows if row[0] is not None})
 
     async def remove(self, job_id: str) -> bool:
         where, params = self._id_clause(job_id)
