@@ -159,3 +159,15 @@ async def test_list_queues_finds_every_queue_of_the_storage(
         assert [name for name in found if name.startswith(base)] == sorted(names)
         counts = await done.counts()
         assert counts[JobState.COMPLETED] == 1
+
+
+async def test_reading_a_queue_writes_nothing(make_settings: SettingsFactory) -> None:
+    ghost = unique_queue_name("ghost")
+    async with QueueService(make_settings(name=ghost)) as service:
+        await service.enqueue_many([])  # nothing to write
+        assert await service.counts() == dict.fromkeys(JobState, 0)
+        assert await service.list_jobs("failed") == []
+        assert await service.get_job("1") is None
+        assert await service.is_paused() is False
+        assert (await service.search_jobs("waiting", "x")).jobs == []
+        assert ghost not in await service.list_queues()

@@ -503,6 +503,31 @@ def check(
     raise typer.Exit(code)
 
 
+@app.command()
+def dashboard(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Show everything, change nothing")
+    ] = False,
+) -> None:
+    """Serve the web dashboard of every queue on the storage (needs corral[dashboard])."""
+    from corral.dashboard.serve import serve_dashboard
+
+    with corral_errors():
+        code = serve_dashboard(
+            _state(ctx).settings(),
+            host=host,
+            port=port,
+            read_only=read_only,
+            log_level=_state(ctx).log_level,
+        )
+    raise typer.Exit(code)
+
+
 # -- moving queues, the transactional outbox ----------------------------------------------------
 
 app.command()(move)

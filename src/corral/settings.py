@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import (
     Field,
     PrivateAttr,
+    SecretStr,
     SerializationInfo,
     ValidationError,
     field_serializer,
@@ -95,6 +96,9 @@ class QueueSettings(BaseSettings):
     names: Annotated[list[str], NoDecode] = Field(default_factory=list)
     outbox_url: str | None = None
     outbox_table: str = "corral_outbox"
+    dashboard_user: str | None = None
+    dashboard_password: SecretStr | None = None
+    dashboard_secret: SecretStr | None = None
 
     _explicit: frozenset[str] = PrivateAttr(default=frozenset())
     _identity: str = PrivateAttr(default="")
@@ -240,8 +244,29 @@ class QueueSettings(BaseSettings):
             raise ValueError("must be 1-100 characters without spaces, e.g. 'bull'")
         return value
 
+    @field_validator("dashboard_user", mode="before")
+    @classmethod
+    def _check_dashboard_user(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip() or None
+            if value is not None and ":" in value:
+                raise ValueError(
+                    "may not contain ':' (HTTP basic auth separates user and password with it)"
+                )
+        return value
+
+    @field_validator("dashboard_password", "dashboard_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value else value
+
     @model_validator(mode="after")
     def _check_combination(self) -> QueueSettings:
+        if (self.dashboard_user is None) != (self.dashboard_password is None):
+            raise ValueError(
+                "QUEUE_DASHBOARD_USER and QUEUE_DASHBOARD_PASSWORD go together: set both to "
+                "protect the dashboard with a password, or neither"
+            )
         if self.dead_letter is not None and self.dead_letter == self.name:
             raise ValueError(
                 "QUEUE_DEAD_LETTER names the queue itself; choose another queue name or 'off'"

@@ -181,6 +181,8 @@ class QueueBackend(ABC):
         """
 
     # -- managing --------------------------------------------------------------------------
+    # The reads (get_job, list_jobs, search_jobs, counts, is_paused, list_queues) write
+    # nothing: looking at a queue, even one that does not exist, leaves the storage as it was.
 
     @abstractmethod
     async def get_job(self, job_id: str) -> JobInfo | None:

@@ -136,7 +136,7 @@ class BullMQBackend(PullBackend):
         state_call = self.protocol.get_state(self.queue_name, job_id)
         key = self._job_key(job_id)
         with self.store.errors(f"reading job {job_id}"):
-            client = await self.store.ready(self.queue_name)
+            client = self.store.client()  # a read writes nothing
             await self.store.load_scripts(client, state_call.script)
             async with client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(key)
@@ -157,7 +157,7 @@ class BullMQBackend(PullBackend):
         if limit <= 0:
             return []
         with self.store.errors(f"listing {state.value} jobs"):
-            client = await self.store.ready(self.queue_name)
+            client = self.store.client()  # a read writes nothing
             ids, scores = await self._state_ids(client, state, max(0, offset), limit)
             return await self._read_jobs(client, state, ids, scores)
 
@@ -207,7 +207,7 @@ class BullMQBackend(PullBackend):
     ) -> JobSearch:
         offset = max(0, offset)
         with self.store.errors(f"searching {state.value} jobs"):
-            client = await self.store.ready(self.queue_name)
+            client = self.store.client()  # a read writes nothing
             ids, scores = (
                 await self._state_ids(client, state, offset, window) if window > 0 else ([], {})
             )
@@ -250,7 +250,6 @@ class BullMQBackend(PullBackend):
 
     async def counts(self) -> dict[JobState, int]:
         with self.store.errors("counting jobs"):
-            await self.store.ready(self.queue_name)
             found = await self.store.run(self.protocol.get_counts(self.queue_name))
         values = dict(zip(COUNT_TYPES, (int(n) for n in found), strict=True))
         return {
@@ -396,7 +395,7 @@ class BullMQBackend(PullBackend):
 
     async def is_paused(self) -> bool:
         with self.store.errors("reading the queue's state"):
-            client = await self.store.ready(self.queue_name)
+            client = self.store.client()  # a read writes nothing
             return bool(await client.hexists(self.keys["meta"], "paused"))
 
     async def purge(self) -> int:

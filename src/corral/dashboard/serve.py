@@ -1,0 +1,67 @@
+"""``corral dashboard``: the dashboard on its own, served by uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from corral.dashboard import DASHBOARD_EXTRA_HINT, create_app
+from corral.errors import MissingDependencyError
+from corral.settings import QueueSettings
+
+logger = logging.getLogger("corral.dashboard")
+
+
+def serve_dashboard(
+    settings: QueueSettings,
+    *,
+    host: str,
+    port: int,
+    read_only: bool,
+    log_level: str | None = None,
+) -> int:
+    """Serve until interrupted; return the exit code."""
+    app = create_app(settings, read_only=read_only)
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the dashboard needs its extra (uvicorn is not installed); install it with: "
+            f"{DASHBOARD_EXTRA_HINT}"
+        ) from exc
+    protected = settings.dashboard_user is not None
+    if not _is_loopback(host) and not protected:
+        logger.warning(
+            "the dashboard listens on %s without a password: anyone who reaches it can see "
+            "every job%s; set QUEUE_DASHBOARD_USER and QUEUE_DASHBOARD_PASSWORD",
+            host,
+            "" if read_only else " and change the queues",
+        )
+    where = settings.sqlite_path if settings.backend == "sqlite" else settings.redis_url_redacted
+    shown = f"[{host}]" if ":" in host else host
+    print(  # the one line a person starting it looks for
+        f"corral dashboard of {settings.backend} at {where} on http://{shown}:{port}/"
+        f"{' (read-only)' if read_only else ''}",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=(log_level or "warning").lower(),
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

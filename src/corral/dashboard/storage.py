@@ -1,0 +1,176 @@
+"""What the dashboard reads and changes: one storage (a SQLite file, or a Redis prefix) and
+every queue on it, through the :class:`~corral.backends.base.QueueBackend` seam.
+
+This is the one place the pages get their data from. A capability that a later version of corral
+adds (worker heartbeats, per-minute metrics, schedules, flows) is one method here, filled in
+from the seam, and one panel or page that shows it when the method returns something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from corral.backends.base import QueueBackend
+from corral.message import JobInfo, JobState
+from corral.service import QueueService
+from corral.settings import QueueSettings
+
+STATE_ORDER = (
+    JobState.ACTIVE,
+    JobState.WAITING,
+    JobState.DELAYED,
+    JobState.FAILED,
+    JobState.COMPLETED,
+)
+"""Where jobs are now, then where they ended; states a later version adds come after these."""
+
+
+def states() -> list[JobState]:
+    """Every state, in :data:`STATE_ORDER` and then any other the enum has."""
+    return [*STATE_ORDER, *(state for state in JobState if state not in STATE_ORDER)]
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """Jobs finished per minute, oldest minute first; the last point is the minute ending at
+    ``end``."""
+
+    completed: list[int]
+    failed: list[int]
+    end: datetime
+
+
+@dataclass(slots=True)
+class QueueSummary:
+    """One queue as the overview shows it."""
+
+    name: str
+    counts: dict[JobState, int]
+    paused: bool
+    workers: int | None = None
+    """Live workers of the queue; ``None`` where worker heartbeats are not recorded."""
+    throughput: Throughput | None = None
+    """Completed and failed per minute; ``None`` where no metrics are recorded."""
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class JobRef:
+    """A link to another job (a parent, a child)."""
+
+    queue: str
+    id: str
+    name: str | None = None
+    state: JobState | None = None
+
+
+@dataclass(slots=True)
+class Related:
+    """What a job page shows about the job's relations, where the storage records them."""
+
+    parent: JobRef | None = None
+    children: list[JobRef] = field(default_factory=list)
+    schedule: str | None = None
+    """The id of the schedule that made the job."""
+
+    @property
+    def empty(self) -> bool:
+        return self.parent is None and not self.children and self.schedule is None
+
+
+class Storage:
+    """The dashboard's storage: a backend per queue, sharing one connection, and the list of
+    queues, which is cached since on Redis it costs a keyspace scan."""
+
+    def __init__(self, settings: QueueSettings, *, queues_ttl_s: float = 10.0) -> None:
+        self.settings = settings
+        self.service = QueueService(settings)
+        self.queues_ttl_s = queues_ttl_s
+        self._backends: dict[str, QueueBackend] = {}
+        self._queues: list[str] | None = None
+        self._queues_at = 0.0
+        self._refresh: asyncio.Task[list[str]] | None = None
+
+    @property
+    def where(self) -> str:
+        """Where the jobs are, safe to show: the SQLite file, or Redis without its password."""
+        s = self.settings
+        if s.backend == "sqlite":
+            return f"SQLite {s.sqlite_path}"
+        return f"Redis {s.redis_url_redacted} prefix {s.prefix}"
+
+    def backend(self, queue: str) -> QueueBackend:
+        """The backend of ``queue`` on this storage."""
+        backend = self._backends.get(queue)
+        if backend is None:
+            if len(self._backends) > 1000:  # names typed into URLs must not grow this for ever
+                self._backends.clear()
+            backend = self._backends[queue] = self.service.backend.for_queue(queue)
+        return backend
+
+    # -- queues ----------------------------------------------------------------------------
+
+    async def queues(self) -> list[str]:
+        """Every queue of the storage; a list older than ``queues_ttl_s`` is served while a
+        fresh one is read in the background."""
+        if self._queues is None:
+            return await self._read_queues()
+        if time.monotonic() - self._queues_at > self.queues_ttl_s:
+            running = self._refresh
+            loop = asyncio.get_running_loop()
+            if running is None or running.done() or running.get_loop() is not loop:
+                self._refresh = loop.create_task(self._read_queues())
+        return self._queues
+
+    async def _read_queues(self) -> list[str]:
+        found = await self.service.backend.list_queues()
+        self._queues, self._queues_at = found, time.monotonic()
+        return found
+
+    def forget_queues(self) -> None:
+        """Read the list afresh next time (a queue was just written to)."""
+        self._queues = None
+
+    async def summary(self, queue: str) -> QueueSummary:
+        backend = self.backend(queue)
+        counts = await backend.counts()
+        return QueueSummary(
+            name=queue,
+            counts=counts,
+            paused=await backend.is_paused(),
+            workers=await self.workers(queue),
+            throughput=await self.throughput(queue),
+        )
+
+    async def summaries(self) -> list[QueueSummary]:
+        return [await self.summary(queue) for queue in await self.queues()]
+
+    # -- capabilities of later versions -----------------------------------------------------
+
+    async def workers(self, queue: str) -> int | None:
+        """Live workers of ``queue``; ``None`` while the backends record no worker
+        heartbeats (the overview then leaves the column out)."""
+        return None
+
+    async def throughput(self, queue: str) -> Throughput | None:
+        """Completed and failed jobs per minute over the last hour; ``None`` while the backends
+        record no per-minute metrics (the chart is then left out)."""
+        return None
+
+    async def related(self, job: JobInfo) -> Related:
+        """The job's parent and children and the schedule that made it; empty while the
+        backends have no flows and no schedulers (the job page then leaves the section out)."""
+        return Related()
+
+    async def close(self) -> None:
+        refresh, self._refresh = self._refresh, None
+        if refresh is not None and not refresh.done():
+            refresh.cancel()
+        self._backends.clear()
+        await self.service.close()
