@@ -513,6 +513,9 @@ def dashboard(
     read_only: Annotated[
         bool, typer.Option("--read-only", help="Show everything, change nothing")
     ] = False,
+    refresh_s: Annotated[
+        float, typer.Option("--refresh-s", min=0, help="Open pages refresh this often; 0 = off")
+    ] = 5.0,
 ) -> None:
     """Serve the web dashboard of every queue on the storage (needs corral[dashboard])."""
     from corral.dashboard.serve import serve_dashboard
@@ -523,6 +526,7 @@ def dashboard(
             host=host,
             port=port,
             read_only=read_only,
+            refresh_s=refresh_s,
             log_level=_state(ctx).log_level,
         )
     raise typer.Exit(code)

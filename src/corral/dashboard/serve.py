@@ -18,10 +18,11 @@ def serve_dashboard(
     host: str,
     port: int,
     read_only: bool,
+    refresh_s: float = 5.0,
     log_level: str | None = None,
 ) -> int:
     """Serve until interrupted; return the exit code."""
-    app = create_app(settings, read_only=read_only)
+    app = create_app(settings, read_only=read_only, refresh_s=refresh_s)
     try:
         import uvicorn
     except ImportError as exc:
