@@ -63,6 +63,8 @@ class Actions:
             kind = "ok"
         except (Refused, CorralError) as exc:
             message, goto, kind = str(exc), None, "error"
+        finally:
+            self.storage.changed(queue)
         if goto is not None:
             target = urls.job(queue, goto)
         response = RedirectResponse(target, status_code=303)

@@ -12,7 +12,7 @@ from corral.dashboard.storage import Storage, states
 from corral.message import JobInfo, JobState
 
 PAGE_SIZE = 50
-SEARCH_WINDOW = 20_000
+SEARCH_WINDOW = 10_000
 """Job names one search step reads (see ``QueueBackend.search_jobs``)."""
 MAX_PAGE = 1_000_000
 

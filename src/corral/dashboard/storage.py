@@ -9,6 +9,7 @@ from the seam, and one panel or page that shows it when the method returns somet
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,10 +89,17 @@ class Storage:
     """The dashboard's storage: a backend per queue, sharing one connection, and the list of
     queues, which is cached since on Redis it costs a keyspace scan."""
 
-    def __init__(self, settings: QueueSettings, *, queues_ttl_s: float = 10.0) -> None:
+    def __init__(
+        self, settings: QueueSettings, *, queues_ttl_s: float = 10.0, counts_ttl_s: float = 2.0
+    ) -> None:
         self.settings = settings
         self.service = QueueService(settings)
         self.queues_ttl_s = queues_ttl_s
+        self.counts_ttl_s = counts_ttl_s
+        self._counts: dict[str, tuple[dict[JobState, int], float]] = {}
+        self._counting: dict[str, asyncio.Task[dict[JobState, int]]] = {}
+        self._counter: QueueService | None = None  # SQLite: its own connection, off the loop
+        self._counter_lock = threading.Lock()
         self._backends: dict[str, QueueBackend] = {}
         self._queues: list[str] | None = None
         self._queues_at = 0.0
@@ -137,9 +145,49 @@ class Storage:
         """Read the list afresh next time (a queue was just written to)."""
         self._queues = None
 
+    async def counts(self, queue: str) -> dict[JobState, int]:
+        """The queue's jobs per state, at most ``counts_ttl_s`` old; older counts are served
+        while fresh ones are read in the background.
+
+        SQLite counts a state by walking its index, which takes about a third of a second for a
+        million jobs: every page shows counts, and auto-refresh asks for pages all the time, so
+        each queue is counted at most once per ``counts_ttl_s`` however many pages are viewed.
+        """
+        cached = self._counts.get(queue)
+        if cached is None:
+            return await self._count(queue)
+        if time.monotonic() - cached[1] > self.counts_ttl_s:
+            running = self._counting.get(queue)
+            loop = asyncio.get_running_loop()
+            if running is None or running.done() or running.get_loop() is not loop:
+                self._counting[queue] = loop.create_task(self._count(queue))
+        return cached[0]
+
+    async def _count(self, queue: str) -> dict[JobState, int]:
+        if self.settings.backend == "sqlite":
+            # SQLite reads block their thread (the GIL is released meanwhile): a long count
+            # runs off the event loop, which may be an application's that mounts the dashboard.
+            counts = await asyncio.to_thread(self._count_in_thread, queue)
+        else:
+            counts = await self.backend(queue).counts()
+        if len(self._counts) > 1000:
+            self._counts.clear()
+        self._counts[queue] = (counts, time.monotonic())
+        return counts
+
+    def _count_in_thread(self, queue: str) -> dict[JobState, int]:
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = QueueService(self.settings)
+            return asyncio.run(self._counter.backend.for_queue(queue).counts())
+
+    def changed(self, queue: str) -> None:
+        """Count ``queue`` afresh next time (an action just changed it)."""
+        self._counts.pop(queue, None)
+
     async def summary(self, queue: str) -> QueueSummary:
         backend = self.backend(queue)
-        counts = await backend.counts()
+        counts = await self.counts(queue)
         return QueueSummary(
             name=queue,
             counts=counts,
@@ -170,7 +218,17 @@ class Storage:
 
     async def close(self) -> None:
         refresh, self._refresh = self._refresh, None
-        if refresh is not None and not refresh.done():
-            refresh.cancel()
+        tasks = [refresh, *self._counting.values()]
+        self._counting.clear()
+        for task in tasks:
+            if task is not None and not task.done():
+                task.cancel()
         self._backends.clear()
         await self.service.close()
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            await asyncio.to_thread(self._close_counter, counter)
+
+    def _close_counter(self, counter: QueueService) -> None:
+        with self._counter_lock:
+            asyncio.run(counter.close())
