@@ -1,32 +1,41 @@
 """How fast the dashboard's pages are on a big queue.
 
-    python bench/dashboard.py [--jobs 1000000] [--repeat 5] [--db PATH] [--markdown PATH]
+    python bench/dashboard.py [--backend sqlite|bullmq] [--jobs 1000000] [--repeat 5]
+                              [--db PATH] [--markdown PATH]
 
-Fills a SQLite file with ``--jobs`` jobs in one queue (60% completed, 20% failed, 15% waiting,
-5% delayed; written straight into the table with ``executemany``, which takes seconds where
-enqueueing a million jobs would take far longer), plus a few small queues, then requests each
-page of the dashboard in-process (Starlette's test client: the app's own time, no network) and
-reports the median and the slowest of ``--repeat`` requests. A file that already holds the jobs
-(``--db``) is reused.
+SQLite: fills a file with ``--jobs`` jobs in one queue (60% completed, 20% failed, 15% waiting,
+5% delayed), written straight into the table with ``executemany``, which takes a minute where
+enqueueing and running a million jobs would take far longer; a file that already holds them
+(``--db``) is reused. BullMQ: starts a redis-server of its own on a free port and has corral
+enqueue the jobs in bulk and a worker run 40% of them. Both add a few small queues, then request
+each page of the dashboard in-process (Starlette's test client: the app's own time, no network)
+and report the median and the slowest of ``--repeat`` requests after a warm-up one.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import asyncio
+import contextlib
 import json
 import os
+import shutil
+import socket
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from starlette.testclient import TestClient
 
 from corral.backends.sqlite.database import Database
 from corral.dashboard import create_app
+from corral.message import JobState, QueueMessage
 from corral.service import QueueService
 from corral.settings import QueueSettings
 
@@ -87,11 +96,29 @@ def rows(total: int, start_ms: int) -> Iterator[tuple[object, ...]]:
             name = NAMES[position % len(NAMES)]
             data = json.dumps({"n": position, "to": f"user{position}@example.com"})
             if state == "completed":
-                yield row(QUEUE, name, data, state, run_at=at, enqueued_at=at, attempts_made=1,
-                          finished_at=at + 5, result='"ok"')  # fmt: skip
+                yield row(
+                    QUEUE,
+                    name,
+                    data,
+                    state,
+                    run_at=at,
+                    enqueued_at=at,
+                    attempts_made=1,
+                    finished_at=at + 5,
+                    result='"ok"',
+                )
             elif state == "failed":
-                yield row(QUEUE, name, data, state, run_at=at, enqueued_at=at, attempts_made=3,
-                          finished_at=at + 5, error="OSError: down")  # fmt: skip
+                yield row(
+                    QUEUE,
+                    name,
+                    data,
+                    state,
+                    run_at=at,
+                    enqueued_at=at,
+                    attempts_made=3,
+                    finished_at=at + 5,
+                    error="OSError: down",
+                )
             elif state == "waiting":
                 yield row(QUEUE, name, data, state, run_at=at, enqueued_at=at)
             else:
@@ -121,8 +148,9 @@ def fill(path: str, total: int) -> float:
         conn.close()
 
 
-def pages(total: int) -> list[tuple[str, str]]:
-    deep = round(total * 0.60) // 50 // 2  # the middle page of the completed jobs
+def pages(counts: dict[JobState, int], job_id: str) -> list[tuple[str, str]]:
+    deep = max(1, counts[JobState.COMPLETED] // 50 // 2)  # the middle page of completed jobs
+    last_delayed = max(1, -(-counts[JobState.DELAYED] // 50))
     return [
         ("overview (every queue, its counts)", "/"),
         ("queue, waiting, page 1", f"/queues/{QUEUE}?state=waiting"),
@@ -132,61 +160,174 @@ def pages(total: int) -> list[tuple[str, str]]:
             f"queue, completed, page {deep:,} (offset {deep * 50 - 50:,})",
             f"/queues/{QUEUE}?state=completed&page={deep}",
         ),
-        ("queue, delayed, last page", f"/queues/{QUEUE}?state=delayed&page=1000"),
+        (
+            f"queue, delayed, last page ({last_delayed:,})",
+            f"/queues/{QUEUE}?state=delayed&page={last_delayed}",
+        ),
         (
             "search by name, completed (one 10,000-job window)",
             f"/queues/{QUEUE}?state=completed&q=charge",
         ),
         ("search by name, no match (one window)", f"/queues/{QUEUE}?state=failed&q=nothing"),
-        ("search by id (redirects to the job)", f"/queues/{QUEUE}?state=waiting&q=123456"),
-        ("job page (3 tracebacks)", f"/queues/{QUEUE}/jobs/{round(total * 0.7)}"),
+        ("search by id (redirects to the job)", f"/queues/{QUEUE}?state=waiting&q={job_id}"),
+        ("job page (a failed job, its tracebacks)", f"/queues/{QUEUE}/jobs/{job_id}"),
     ]
 
 
-async def count(path: str) -> None:
-    async with QueueService(QueueSettings(sqlite_path=path, name=QUEUE)) as service:
+async def fill_redis(settings: QueueSettings, total: int) -> None:
+    """``total`` jobs through corral itself: 95% enqueued in bulk (5% of them delayed), then a
+    worker runs until 40% of all have finished, one in four failing."""
+    async with QueueService(settings) as service:
+
+        @service.handler("charge_card")
+        async def fails(message: QueueMessage) -> None:
+            raise OSError("down")
+
+        async def works(message: QueueMessage) -> str:
+            return "ok"
+
+        for name in NAMES:
+            if name != "charge_card":
+                service.handler(name)(works)
+        batch: list[dict[str, Any]] = []
+        for n in range(total):
+            job: dict[str, Any] = {
+                "name": NAMES[n % len(NAMES)],
+                "data": {"n": n, "to": f"user{n}@example.com"},
+                "attempts": 1,
+            }
+            if n % 20 == 19:
+                job["delay_s"] = 3600
+            batch.append(job)
+            if len(batch) == 10_000:
+                await service.enqueue_many(batch)
+                batch = []
+        if batch:
+            await service.enqueue_many(batch)
+        worker = asyncio.create_task(service.start_worker(concurrency=50))
+        while True:
+            counts = await service.counts()
+            if counts[JobState.COMPLETED] + counts[JobState.FAILED] >= total * 0.4:
+                break
+            await asyncio.sleep(0.5)
+        service.stop()
+        await worker
+        for queue in ("emails", "images", "reports"):
+            await service.backend.for_queue(queue).enqueue(
+                [service.build_job("x", {}) for _ in range(10)]
+            )
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A redis-server of its own on a free port of 127.0.0.1, stopped afterwards."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def facts(settings: QueueSettings) -> tuple[dict[JobState, int], str, float]:
+    """The big queue's counts, a failed job's id, and how long listing the queues takes."""
+    async with QueueService(settings) as service:
+        failed = await service.list_jobs("failed", limit=1)
+        started = time.perf_counter()
+        await service.list_queues()
+        listing_ms = (time.perf_counter() - started) * 1000
+        return await service.counts(), failed[0].id, listing_ms
+
+
+async def count(settings: QueueSettings) -> None:
+    async with QueueService(settings) as service:
         await service.counts()
+
+
+def measure(settings: QueueSettings, repeat: int, total: int) -> list[str]:
+    counts, job_id, listing_ms = asyncio.run(facts(settings))
+    lines = ["| page | median ms | slowest ms |", "| --- | ---: | ---: |"]
+    with TestClient(create_app(settings)) as client:
+        for title, url in pages(counts, job_id):
+            times = []
+            for _ in range(repeat + 1):  # the first request warms caches
+                started = time.perf_counter()
+                response = client.get(url, follow_redirects=False)
+                times.append((time.perf_counter() - started) * 1000)
+                if response.status_code not in (200, 303):
+                    raise SystemExit(f"{url} answered {response.status_code}")
+            measured = times[1:]
+            lines.append(f"| {title} | {statistics.median(measured):.1f} | {max(measured):.1f} |")
+            print(lines[-1], flush=True)
+    counting = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        asyncio.run(count(settings))
+        counting.append((time.perf_counter() - started) * 1000)
+    lines.append(
+        f"| exact counts of the {total:,}-job queue (`corral stats`; the dashboard counts each "
+        f"queue at most every 2 s, off its event loop) | {statistics.median(counting):.1f} "
+        f"| {max(counting):.1f} |"
+    )
+    lines.append(
+        f"| list every queue of the storage (cached 10 s, refreshed in the background) "
+        f"| {listing_ms:.1f} | |"
+    )
+    print(*lines[-2:], sep="\n", flush=True)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("sqlite", "bullmq"), default="sqlite")
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--db", help="SQLite file to fill (kept); default a temporary one")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
+    logging.getLogger("corral").setLevel(logging.CRITICAL)  # not a line per failing job
     with tempfile.TemporaryDirectory() as scratch:
-        path = args.db or os.path.join(scratch, "dashboard-bench.db")
-        filled_s = fill(path, args.jobs)
-        size_mb = Path(path).stat().st_size / 1e6
-        print(f"{args.jobs:,} jobs in {path} ({size_mb:,.0f} MB), written in {filled_s:.1f} s")
-        app = create_app(QueueSettings(sqlite_path=path, name=QUEUE))
-        lines = ["| page | median ms | slowest ms |", "| --- | ---: | ---: |"]
-        with TestClient(app) as client:
-            for title, url in pages(args.jobs):
-                times = []
-                for _ in range(args.repeat + 1):  # the first request warms the page cache
-                    started = time.perf_counter()
-                    response = client.get(url, follow_redirects=False)
-                    times.append((time.perf_counter() - started) * 1000)
-                    if response.status_code not in (200, 303):
-                        raise SystemExit(f"{url} answered {response.status_code}")
-                measured = times[1:]
-                lines.append(
-                    f"| {title} | {statistics.median(measured):.1f} | {max(measured):.1f} |"
+        if args.backend == "sqlite":
+            path = args.db or os.path.join(scratch, "dashboard-bench.db")
+            filled_s = fill(path, args.jobs)
+            size_mb = Path(path).stat().st_size / 1e6
+            print(f"{args.jobs:,} jobs in {path} ({size_mb:,.0f} MB), written in {filled_s:.1f} s")
+            lines = measure(QueueSettings(sqlite_path=path, name=QUEUE), args.repeat, args.jobs)
+        else:
+            with private_redis() as url:
+                settings = QueueSettings(
+                    backend="bullmq",
+                    redis_url=url,
+                    name=QUEUE,
+                    keep_completed=None,
+                    backoff_delay_s=0,
                 )
-                print(lines[-1], flush=True)
-        counting = []
-        for _ in range(args.repeat):
-            started = time.perf_counter()
-            asyncio.run(count(path))
-            counting.append((time.perf_counter() - started) * 1000)
-        lines.append(
-            f"| exact counts of the {args.jobs:,}-job queue (`corral stats`; the dashboard "
-            f"counts each queue at most every 2 s, off its event loop) "
-            f"| {statistics.median(counting):.1f} | {max(counting):.1f} |"
-        )
-        print(lines[-1], flush=True)
+                started = time.perf_counter()
+                asyncio.run(fill_redis(settings, args.jobs))
+                print(
+                    f"{args.jobs:,} jobs in Redis, written and run in "
+                    f"{time.perf_counter() - started:.1f} s",
+                    flush=True,
+                )
+                lines = measure(settings, args.repeat, args.jobs)
         if args.markdown:
             Path(args.markdown).write_text("\n".join(lines) + "\n")
 
