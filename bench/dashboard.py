@@ -15,10 +15,10 @@ and report the median and the slowest of ``--repeat`` requests after a warm-up o
 from __future__ import annotations
 
 import argparse
-import logging
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket

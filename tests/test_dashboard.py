@@ -349,3 +349,35 @@ async def _enqueue(settings: QueueSettings, name: str) -> str:
 async def _paused(settings: QueueSettings) -> bool:
     async with QueueService(settings) as service:
         return await service.is_paused()
+
+
+def test_the_readme_dispatcher_for_django(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(
+        code
+        for code in re.findall(r"^```python\n(.*?)^```", readme, re.S | re.M)
+        if "def with_dashboard" in code
+    )
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)
+    settings = make_settings()
+    asyncio.run(_enqueue(settings, "x"))
+    namespace["dashboard"] = create_app(settings)
+
+    async def django(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"django"})
+
+    client = TestClient(namespace["with_dashboard"](django))  # no lifespan: the fake has none
+    assert client.get("/polls/").text == "django"
+    assert client.get("/admin/queuesX").text == "django"
+    page = client.get("/admin/queues/")
+    assert page.status_code == 200
+    assert f'href="/admin/queues/queues/{settings.name}"' in page.text
+    assert client.get(f"/admin/queues/queues/{settings.name}").status_code == 200
+    asyncio.run(namespace["dashboard"].aclose())

@@ -100,3 +100,36 @@ def test_the_bullmq_backend_without_the_extra_names_the_install_command(
         assert len(lines) == 1, done.stderr
         assert "pip install 'corral[redis]'" in lines[0]
         assert "Traceback" not in done.stderr
+
+
+def test_a_plain_install_ships_the_dashboard_files_and_names_its_extra(
+    plain_install: Path, tmp_path: Path
+) -> None:
+    listed = subprocess.run(
+        [
+            str(plain_install),
+            "-c",
+            "from importlib.resources import files; d = files('corral.dashboard'); "
+            "print(sorted(p.name for p in (d / 'static').iterdir())); "
+            "print(sorted(p.name for p in (d / 'templates').iterdir()))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    static, templates = (eval(line) for line in listed.stdout.splitlines())
+    assert static == ["dashboard.css", "dashboard.js", "favicon.svg"]
+    assert {"base.html", "overview.html", "queue.html", "job.html"} <= set(templates)
+    corral = plain_install.parent / "corral"
+    refused = subprocess.run(
+        [str(corral), "--sqlite-path", str(tmp_path / "q.db"), "dashboard"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "error: the dashboard needs its extra (starlette is not installed); install it with: "
+        "pip install 'corral[dashboard]'"
+    )
