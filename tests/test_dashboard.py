@@ -5,6 +5,7 @@ The same pages in a real browser: tests/test_dashboard_browser.py."""
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 import subprocess
 from collections.abc import Iterator
@@ -381,3 +382,69 @@ def test_the_readme_dispatcher_for_django(
     assert f'href="/admin/queues/queues/{settings.name}"' in page.text
     assert client.get(f"/admin/queues/queues/{settings.name}").status_code == 200
     asyncio.run(namespace["dashboard"].aclose())
+
+
+def test_odd_job_ids_link_to_their_pages(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    odd = "invoice/2026?x=1#top&<b>"  # ('%' works too, but the test client decodes it twice)
+
+    async def go() -> None:
+        async with QueueService(settings) as service:
+            await service.enqueue("x", 1, job_id=odd)
+
+    asyncio.run(go())
+    with TestClient(create_app(settings)) as client:
+        listing = client.get(f"/queues/{settings.name}")
+        href = re.search(r'<td class="mono"><a href="([^"]+)">', listing.text)
+        assert href is not None
+        page = client.get(href.group(1).replace("&amp;", "&"))
+        assert page.status_code == 200
+        assert re.search(r'id="job-id">([^<]+)<', page.text).group(1) == (  # type: ignore[union-attr]
+            "invoice/2026?x=1#top&amp;&lt;b&gt;"
+        )
+        token = csrf_of(page.text)
+        removed = client.post(
+            f"/queues/{settings.name}/actions/remove", data={"csrf": token, "job_id": odd}
+        )
+        assert f"Removed job {odd}." in html.unescape(removed.text)
+
+
+def test_panels_of_later_capabilities_render_when_the_storage_has_them(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers, throughput and a job's relations are filled in by Storage methods that return
+    nothing today; a backend that records them gets the column, the chart and the section."""
+    from datetime import UTC, datetime
+
+    from corral.dashboard.storage import JobRef, Related, Storage, Throughput
+
+    async def workers(self: Storage, queue: str) -> int:
+        return 3
+
+    async def throughput(self: Storage, queue: str) -> Throughput:
+        return Throughput(completed=[0, 4, 9, 2], failed=[0, 1, 0, 0], end=datetime.now(UTC))
+
+    async def related(self: Storage, job: Any) -> Related:
+        return Related(
+            parent=JobRef(job.queue, "parent-1", "flow", JobState.WAITING),
+            children=[JobRef(job.queue, "child-1", "step", JobState.COMPLETED)],
+            schedule="nightly",
+        )
+
+    monkeypatch.setattr(Storage, "workers", workers)
+    monkeypatch.setattr(Storage, "throughput", throughput)
+    monkeypatch.setattr(Storage, "related", related)
+    settings = make_settings()
+    job_id = asyncio.run(_enqueue(settings, "x"))
+    with TestClient(create_app(settings)) as client:
+        overview = client.get("/").text
+        assert '<th class="num">workers</th>' in overview
+        assert re.search(r'<td class="num">3</td>', overview)
+        queue = client.get(f"/queues/{settings.name}").text
+        assert "<h2>Throughput</h2>" in queue and "completed 15" in queue and "failed 1" in queue
+        assert queue.count("<polyline") == 2
+        assert "3 workers" in queue
+        job = client.get(f"/queues/{settings.name}/jobs/{job_id}").text
+        assert f'href="/queues/{settings.name}/jobs/parent-1"' in job
+        assert f'href="/queues/{settings.name}/jobs/child-1"' in job
+        assert "nightly" in job
