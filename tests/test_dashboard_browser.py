@@ -271,3 +271,33 @@ def test_untrusted_markup_stays_inert(
         assert listing.locator("main img").count() == 0
     assert watched.dialogs == []  # no alert(1) ran
     assert watched.errors == []
+
+
+@pytest.mark.parametrize("backend_kind", ["sqlite"])  # the forms; actions on both: test_dashboard
+def test_enqueue_promote_and_remove_through_the_forms(
+    browser: Any, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings()
+    watched = Watched(browser)
+    with dashboard(settings) as url:
+        page = watched.open(f"{url}/queues/{settings.name}")
+        page.click("#enqueue-form summary")
+        page.fill('#enqueue-form input[name="name"]', "send_email")
+        page.fill('#enqueue-form textarea[name="data"]', json.dumps({"html": XSS}))
+        page.fill('#enqueue-form input[name="delay_s"]', "600")
+        with page.expect_navigation():
+            page.click('#enqueue-form button[type="submit"]')
+        assert page.locator("h1 .pill").inner_text() == "delayed"
+        assert json.loads(page.locator("#job-data").inner_text()) == {"html": XSS}
+        job_id = page.locator("#job-id").inner_text()
+        with page.expect_navigation():
+            page.click('button[data-action="promote"]')
+        assert page.locator("h1 .pill").inner_text() == "waiting"
+        with page.expect_navigation():
+            page.click('button[data-action="remove"]')
+        assert page.locator(".notice-ok").inner_text() == f"Removed job {job_id}."
+    assert corral_stats(settings)["counts"] == dict.fromkeys(
+        ("active", "waiting", "delayed", "failed", "completed"), 0
+    )
+    assert watched.dialogs == [f"confirm: Remove job {job_id}?"]
+    assert watched.errors == []
