@@ -75,7 +75,7 @@ class Actions:
 
     async def pause(self, queue: str, form: Form) -> tuple[str, str | None]:
         await self.storage.backend(queue).pause()
-        self.storage.forget_queues()
+        self.storage.known(queue)
         return f"Paused queue {queue}: workers start no new jobs.", None
 
     async def resume(self, queue: str, form: Form) -> tuple[str, str | None]:
@@ -115,7 +115,7 @@ class Actions:
             job_id=form.get("job_id", "").strip() or None,
         )
         (job_id,) = await self.storage.backend(queue).enqueue([job])
-        self.storage.forget_queues()
+        self.storage.known(queue)
         return f"Enqueued job {job_id} ({name}).", job_id
 
     # -- one job ---------------------------------------------------------------------------

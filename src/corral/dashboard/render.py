@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from corral import __version__
-from corral.dashboard.security import Csrf
+from corral.dashboard.security import Csrf, cookie_path
 from corral.dashboard.storage import Throughput
 from corral.message import JobState
 
@@ -140,7 +140,7 @@ class Renderer:
         if fresh_cookie:
             self.csrf.set_cookie(response, request, cookie)
         if notice is not None:
-            response.delete_cookie(NOTICE_COOKIE, path=_cookie_path(request))
+            response.delete_cookie(NOTICE_COOKIE, path=cookie_path(request))
         return response
 
 
@@ -151,7 +151,7 @@ def set_notice(response: Response, request: Request, kind: str, text: str) -> No
     response.set_cookie(
         NOTICE_COOKIE,
         quote(f"{kind}:{text[:500]}", safe=""),
-        path=_cookie_path(request),
+        path=cookie_path(request),
         httponly=True,
         samesite="strict",
         max_age=60,
@@ -164,11 +164,6 @@ def read_notice(request: Request) -> tuple[str, str] | None:
         return None
     kind, _, text = unquote(raw).partition(":")
     return ("error" if kind == "error" else "ok", text)
-
-
-def _cookie_path(request: Request) -> str:
-    root = str(request.scope.get("root_path", "")).rstrip("/")
-    return root + "/" if root else "/"
 
 
 # -- filters ---------------------------------------------------------------------------------

@@ -9,15 +9,21 @@ from the seam, and one panel or page that shows it when the method returns somet
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from corral.backends.base import QueueBackend
 from corral.message import JobInfo, JobState
 from corral.service import QueueService
 from corral.settings import QueueSettings
+
+logger = logging.getLogger("corral.dashboard")
+T = TypeVar("T")
 
 STATE_ORDER = (
     JobState.ACTIVE,
@@ -133,7 +139,7 @@ class Storage:
             running = self._refresh
             loop = asyncio.get_running_loop()
             if running is None or running.done() or running.get_loop() is not loop:
-                self._refresh = loop.create_task(self._read_queues())
+                self._refresh = _background(loop, self._read_queues())
         return self._queues
 
     async def _read_queues(self) -> list[str]:
@@ -141,9 +147,10 @@ class Storage:
         self._queues, self._queues_at = found, time.monotonic()
         return found
 
-    def forget_queues(self) -> None:
-        """Read the list afresh next time (a queue was just written to)."""
-        self._queues = None
+    def known(self, queue: str) -> None:
+        """``queue`` exists now (a job was just written to it): list it without a new scan."""
+        if self._queues is not None and queue not in self._queues:
+            self._queues = sorted([*self._queues, queue])
 
     async def counts(self, queue: str) -> dict[JobState, int]:
         """The queue's jobs per state, at most ``counts_ttl_s`` old; older counts are served
@@ -160,7 +167,7 @@ class Storage:
             running = self._counting.get(queue)
             loop = asyncio.get_running_loop()
             if running is None or running.done() or running.get_loop() is not loop:
-                self._counting[queue] = loop.create_task(self._count(queue))
+                self._counting[queue] = _background(loop, self._count(queue))
         return cached[0]
 
     async def _count(self, queue: str) -> dict[JobState, int]:
@@ -232,3 +239,15 @@ class Storage:
     def _close_counter(self, counter: QueueService) -> None:
         with self._counter_lock:
             asyncio.run(counter.close())
+
+
+def _background(loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A refresh nobody awaits: its failure is logged (the next page reports it), not lost."""
+    task = loop.create_task(work)
+
+    def done(finished: asyncio.Task[T]) -> None:
+        if not finished.cancelled() and finished.exception() is not None:
+            logger.warning("dashboard: a background refresh failed: %s", finished.exception())
+
+    task.add_done_callback(done)
+    return task
