@@ -288,7 +288,8 @@ def measure(settings: QueueSettings, repeat: int, total: int) -> list[str]:
         f"| {max(counting):.1f} |"
     )
     lines.append(
-        f"| list every queue of the storage (cached 10 s, refreshed in the background) "
+        "| list every queue of the storage (the dashboard keeps the list 30 s, then reads it "
+        "again in the background) "
         f"| {listing_ms:.1f} | |"
     )
     print(*lines[-2:], sep="\n", flush=True)

@@ -243,9 +243,9 @@ class QueueBackend(ABC):
         only Node.js writes to as well).
 
         SQLite answers from its indexes (a step per queue). Redis has no list of queues: the
-        keyspace is scanned (SCAN, never KEYS) for the queues' ``meta`` and ``id`` keys, which
-        takes time in proportion to the keys in the database, so callers that show it often
-        cache it.
+        keyspace is scanned (SCAN in small steps, never KEYS) for the queues' ``meta`` hashes,
+        which takes time in proportion to the keys in the database (seconds for millions), so
+        callers that show it often cache it.
         """
 
     @abstractmethod

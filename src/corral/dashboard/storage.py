@@ -96,7 +96,7 @@ class Storage:
     queues, which is cached since on Redis it costs a keyspace scan."""
 
     def __init__(
-        self, settings: QueueSettings, *, queues_ttl_s: float = 10.0, counts_ttl_s: float = 2.0
+        self, settings: QueueSettings, *, queues_ttl_s: float = 30.0, counts_ttl_s: float = 2.0
     ) -> None:
         self.settings = settings
         self.service = QueueService(settings)
