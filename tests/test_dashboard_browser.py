@@ -217,9 +217,10 @@ def test_retry_and_pause_by_clicking(
             page.click('a.tab[data-state="failed"]')
         with page.expect_navigation():
             page.click(f'tr[data-job-id="{ids["failed"]}"] button[data-action="retry"]')
-        assert page.locator(".notice-ok").count() == 1
-        assert page.locator("#job-id").inner_text() == ids["failed"]
-        assert page.locator("h1 .pill").inner_text() == "waiting"
+        notice = f"Job {ids['failed']} is waiting again, with fresh attempts."
+        assert page.locator(".notice-ok").inner_text() == notice
+        assert page.locator("#jobs").count() == 0  # the failed tab, now empty
+        assert page.locator('a.tab[data-state="failed"] .tab-count').inner_text() == "0"
     counts = corral_stats(settings)["counts"]
     assert (counts["failed"], counts["waiting"]) == (0, 2)
     assert watched.dialogs == [

@@ -124,7 +124,7 @@ class Actions:
         job_id = _job_id(form)
         if not await self.storage.backend(queue).retry_job(job_id):
             raise Refused(f"job {job_id} is not failed; only failed jobs are retried")
-        return f"Job {job_id} is waiting again, with fresh attempts.", job_id
+        return f"Job {job_id} is waiting again, with fresh attempts.", None
 
     async def remove(self, queue: str, form: Form) -> tuple[str, str | None]:
         job_id = _job_id(form)
@@ -136,7 +136,7 @@ class Actions:
         job_id = _job_id(form)
         if not await self.storage.backend(queue).promote(job_id):
             raise Refused(f"job {job_id} is not delayed")
-        return f"Job {job_id} is due now.", job_id
+        return f"Job {job_id} is due now.", None
 
 
 def _job_id(form: Form) -> str:
