@@ -11,7 +11,6 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import (
     Field,
     PrivateAttr,
-    SecretStr,
     SerializationInfo,
     ValidationError,
     field_serializer,
@@ -26,6 +25,8 @@ from corral.retry import Retry
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _SECRET_FIELDS = frozenset({"redis_url", "outbox_url"})
+_HIDDEN_FIELDS = frozenset({"dashboard_password", "dashboard_secret"})
+"""Secrets that are not URLs: shown as ``***`` whole."""
 _PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
 MAX_KEPT_JOBS = 1_000_000_000  # the counts must fit SQLite's integers and Lua's exact numbers
 
@@ -97,8 +98,8 @@ class QueueSettings(BaseSettings):
     outbox_url: str | None = None
     outbox_table: str = "corral_outbox"
     dashboard_user: str | None = None
-    dashboard_password: SecretStr | None = None
-    dashboard_secret: SecretStr | None = None
+    dashboard_password: str | None = None
+    dashboard_secret: str | None = None
 
     _explicit: frozenset[str] = PrivateAttr(default=frozenset())
     _identity: str = PrivateAttr(default="")
@@ -157,6 +158,13 @@ class QueueSettings(BaseSettings):
         if value is None or (isinstance(context, dict) and context.get("reveal_secrets")):
             return value
         return redact_url(value)
+
+    @field_serializer("dashboard_password", "dashboard_secret")
+    def _serialize_hidden(self, value: str | None, info: SerializationInfo) -> str | None:
+        context = info.context
+        if value is None or (isinstance(context, dict) and context.get("reveal_secrets")):
+            return value
+        return "***"
 
     @field_validator("tasks", "names", mode="before")
     @classmethod
@@ -294,6 +302,8 @@ class QueueSettings(BaseSettings):
         for key, value in super().__repr_args__():
             if key in _SECRET_FIELDS and isinstance(value, str):
                 yield key, redact_url(value)
+            elif key in _HIDDEN_FIELDS and value is not None:
+                yield key, "***"
             else:
                 yield key, value
 

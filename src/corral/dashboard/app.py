@@ -45,9 +45,7 @@ def build_app(
     title: str,
 ) -> Dashboard:
     storage = Storage(settings)
-    key = secret or (
-        settings.dashboard_secret.get_secret_value() if settings.dashboard_secret else None
-    )
+    key = secret or settings.dashboard_secret
     csrf = Csrf(key.encode("utf-8") if key else secrets.token_bytes(32))
     # A page per concern; a capability that a later version adds (workers, schedules) is one
     # more entry here and a handler in pages.py.
@@ -93,6 +91,6 @@ def build_app(
     app.storage = storage
     basic = None
     if settings.dashboard_user is not None and settings.dashboard_password is not None:
-        basic = (settings.dashboard_user, settings.dashboard_password.get_secret_value())
+        basic = (settings.dashboard_user, settings.dashboard_password)
     app.add_middleware(Guard, auth=auth, basic=basic)
     return app
