@@ -448,3 +448,26 @@ def test_panels_of_later_capabilities_render_when_the_storage_has_them(
         assert f'href="/queues/{settings.name}/jobs/parent-1"' in job
         assert f'href="/queues/{settings.name}/jobs/child-1"' in job
         assert "nightly" in job
+
+
+def test_the_command_imports_the_dashboard_only_when_it_runs() -> None:
+    probe = (
+        "import sys, corral.cli; "
+        "print([m for m in sys.modules if m.startswith(('starlette', 'jinja2', 'uvicorn', "
+        "'corral.dashboard'))])"
+    )
+    imported = subprocess.run(
+        [PYTHON, "-c", probe], env=python_env(), capture_output=True, text=True, timeout=60
+    )
+    assert imported.stdout.strip() == "[]", imported.stdout + imported.stderr
+    helped = subprocess.run(
+        [PYTHON, "-m", "corral", "dashboard", "--help"],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert helped.stdout.startswith("Usage: corral dashboard [OPTIONS]")
+    for option in ("--host", "--port", "--read-only", "--refresh-s"):
+        assert option in helped.stdout, option
+    assert "127.0.0.1" in helped.stdout

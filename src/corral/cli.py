@@ -503,35 +503,6 @@ def check(
     raise typer.Exit(code)
 
 
-@app.command()
-def dashboard(
-    ctx: typer.Context,
-    host: Annotated[
-        str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
-    read_only: Annotated[
-        bool, typer.Option("--read-only", help="Show everything, change nothing")
-    ] = False,
-    refresh_s: Annotated[
-        float, typer.Option("--refresh-s", min=0, help="Open pages refresh this often; 0 = off")
-    ] = 5.0,
-) -> None:
-    """Serve the web dashboard of every queue on the storage (needs corral[dashboard])."""
-    from corral.dashboard.serve import serve_dashboard
-
-    with corral_errors():
-        code = serve_dashboard(
-            _state(ctx).settings(),
-            host=host,
-            port=port,
-            read_only=read_only,
-            refresh_s=refresh_s,
-            log_level=_state(ctx).log_level,
-        )
-    raise typer.Exit(code)
-
-
 # -- moving queues, the transactional outbox ----------------------------------------------------
 
 app.command()(move)
@@ -548,6 +519,14 @@ def chaos(ctx: typer.Context) -> None:
     from corral.tools.chaos import chaos_command
 
     run_tool_command(ctx, chaos_command)
+
+
+@app.command(context_settings=PASS_ARGUMENTS, add_help_option=False)
+def dashboard(ctx: typer.Context) -> None:
+    """Serve the web dashboard of every queue on the storage (needs corral[dashboard])."""
+    from corral.dashboard.serve import dashboard_command
+
+    run_tool_command(ctx, dashboard_command)
 
 
 @app.command(context_settings=PASS_ARGUMENTS, add_help_option=False)

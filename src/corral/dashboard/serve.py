@@ -1,10 +1,15 @@
-"""``corral dashboard``: the dashboard on its own, served by uvicorn."""
+"""``corral dashboard``: the dashboard on its own, served by uvicorn (imported when the
+command runs, as ``corral bench`` is)."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Annotated
 
+import typer
+
+from corral._cliutil import cli_state, corral_errors
 from corral.dashboard import DASHBOARD_EXTRA_HINT, create_app
 from corral.errors import MissingDependencyError
 from corral.settings import QueueSettings
@@ -66,3 +71,30 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def dashboard_command(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Show everything, change nothing")
+    ] = False,
+    refresh_s: Annotated[
+        float, typer.Option("--refresh-s", min=0, help="Open pages refresh this often; 0 = off")
+    ] = 5.0,
+) -> None:
+    """Serve the web dashboard of every queue on the storage (needs corral[dashboard])."""
+    state = cli_state(ctx)
+    with corral_errors():
+        code = serve_dashboard(
+            state.settings(),
+            host=host,
+            port=port,
+            read_only=read_only,
+            refresh_s=refresh_s,
+            log_level=state.log_level,
+        )
+    raise typer.Exit(code)
