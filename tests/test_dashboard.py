@@ -471,3 +471,34 @@ def test_the_command_imports_the_dashboard_only_when_it_runs() -> None:
     for option in ("--host", "--port", "--read-only", "--refresh-s"):
         assert option in helped.stdout, option
     assert "127.0.0.1" in helped.stdout
+
+
+def test_schedules_page_and_the_schedule_a_job_came_from(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+
+    async def go() -> None:
+        async with QueueService(settings) as service:
+            await service.schedule("nightly-report", "report", {"kind": XSS}, cron="0 3 * * *")
+            await service.schedule("heartbeat", "ping", every_s=90, limit=10)
+            await service.enqueue("other", 1)
+
+    asyncio.run(go())
+    with TestClient(create_app(settings)) as client:
+        everywhere = client.get("/schedules").text  # on Redis other queues' schedules too
+        assert f'<tr data-schedule-id="heartbeat" data-queue="{settings.name}">' in everywhere
+        page = client.get("/schedules", params={"queue": settings.name})
+        assert page.status_code == 200
+        rows = re.findall(r'<tr data-schedule-id="([^"]+)" data-queue="([^"]+)">', page.text)
+        assert rows == [("heartbeat", settings.name), ("nightly-report", settings.name)]
+        assert "0 3 * * *" in page.text and "every 90 s" in page.text and "of 10" in page.text
+        assert "<img src=x" not in page.text
+        links = re.findall(r'href="(/queues/[^"]+/jobs/[^"]+)"', page.text)
+        assert len(links) == 2
+        job = client.get(links[0])
+        assert job.status_code == 200
+        assert re.search(r'id="job-schedule" href="[^"]+">heartbeat<', job.text)
+        queue = client.get(f"/queues/{settings.name}").text
+        assert 'id="queue-schedules"' in queue and "nightly-report" in queue
+        filtered = client.get("/schedules", params={"queue": "no-such-queue"}).text
+        assert "No schedules." in filtered
+        assert 'href="/schedules"' in client.get("/").text  # in the navigation

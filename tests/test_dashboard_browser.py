@@ -113,6 +113,11 @@ def dashboard(settings: QueueSettings, *extra: str) -> Iterator[str]:
             process.wait()
 
 
+async def schedule(settings: QueueSettings) -> None:
+    async with QueueService(settings) as service:
+        await service.schedule("nightly", "report", {"html": XSS}, cron="0 3 * * *")
+
+
 async def paused(settings: QueueSettings) -> bool:
     async with QueueService(settings) as service:
         return await service.is_paused()
@@ -168,9 +173,12 @@ def test_every_page_loads_cleanly_with_the_counts_of_stats(
     browser: Any, filled: tuple[QueueSettings, dict[str, str]]
 ) -> None:
     settings, ids = filled
+    run(schedule(settings))
     stats = corral_stats(settings)
     watched = Watched(browser)
     with dashboard(settings) as url:
+        page = watched.open(f"{url}/schedules?queue={settings.name}")
+        assert page.locator("#schedules tbody tr").get_attribute("data-schedule-id") == "nightly"
         page = watched.open(url + "/")
         row = page.locator(f'tr[data-queue="{settings.name}"]')
         shown = {

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from corral.dashboard.render import Renderer, Urls
-from corral.dashboard.storage import Storage, states
+from corral.dashboard.storage import Storage, next_job_id, states
 from corral.message import JobInfo, JobState
+from corral.schedules import ScheduleInfo
 
 PAGE_SIZE = 50
 SEARCH_WINDOW = 10_000
@@ -36,6 +38,15 @@ class Pager:
     @property
     def pages(self) -> int:
         return max(1, -(-self.total // self.size))
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRow:
+    """A schedule on the schedules page, with its queue and its pending job."""
+
+    queue: str
+    schedule: ScheduleInfo
+    pending_job_id: str | None
 
 
 class Pages:
@@ -66,6 +77,7 @@ class Pages:
         query = request.query_params.get("q", "").strip()[:200]
         page = _int_param(request.query_params.get("page"), 1, 1, MAX_PAGE)
         summary = await self.storage.summary(queue)
+        schedules = await self.storage.schedules(queue)
         backend = self.storage.backend(queue)
         search_from = _int_param(request.query_params.get("from"), 0, 0, 2**62)
         jobs: list[JobInfo]
@@ -94,8 +106,22 @@ class Pages:
                 "next_from": next_from,
                 "window": SEARCH_WINDOW,
                 "pager": Pager(page, PAGE_SIZE, summary.counts.get(state, 0)),
+                "schedules": schedules,
             },
         )
+
+    async def schedules(self, request: Request) -> Response:
+        """Every queue's schedules (or one queue's, ``?queue=``), the next to run first."""
+        only = request.query_params.get("queue")
+        queues = [only] if only else await self.storage.queues()
+        rows = [
+            ScheduleRow(queue, schedule, next_job_id(schedule))
+            for queue in queues
+            for schedule in await self.storage.schedules(queue)
+        ]
+        far = datetime.max.replace(tzinfo=UTC)
+        rows.sort(key=lambda row: (row.schedule.next_run_at or far, row.queue, row.schedule.id))
+        return self.renderer.page(request, "schedules.html", {"rows": rows, "only": only})
 
     async def job(self, request: Request) -> Response:
         queue = request.path_params["queue"]

@@ -116,6 +116,7 @@ class Renderer:
             num=num,
             short=short,
             chart=chart,
+            seconds=seconds,
         )
 
     def page(
@@ -218,6 +219,19 @@ def here(request: Request) -> str:
         path = quote(str(request.scope.get("path", "/")), safe="/")
     query = request.url.query
     return path + ("?" + query if query else "")
+
+
+def seconds(value: float | None) -> str:
+    """An interval as people say it: ``90 s``, ``5 min``, ``2 h``, ``1 d 6 h``."""
+    if value is None:
+        return ""
+    total = float(value)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if total >= size and total % size == 0:
+            return f"{int(total // size)} {unit}"
+    if total >= 86400:
+        return f"{int(total // 86400)} d {int(total % 86400 // 3600)} h"
+    return f"{total:g} s"
 
 
 def num(value: int) -> str:

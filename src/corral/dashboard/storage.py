@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from corral.backends.base import QueueBackend
 from corral.message import JobInfo, JobState
+from corral.schedules import SLOT_JOB_PREFIX, ScheduleInfo, slot_job_id, slot_of
 from corral.service import QueueService
 from corral.settings import QueueSettings
 
@@ -219,9 +220,16 @@ class Storage:
         return None
 
     async def related(self, job: JobInfo) -> Related:
-        """The job's parent and children and the schedule that made it; empty while the
-        backends have no flows and no schedulers (the job page then leaves the section out)."""
-        return Related()
+        """The schedule that made the job (its id is the schedule's slot id), and its parent
+        and children, which stay empty while the backends have no flows."""
+        return Related(schedule=schedule_of(job.id))
+
+    # -- schedules -------------------------------------------------------------------------
+
+    async def schedules(self, queue: str) -> list[ScheduleInfo]:
+        """The queue's schedules, the next to run first (Node.js BullMQ's job schedulers
+        included)."""
+        return await self.backend(queue).list_schedules()
 
     async def close(self) -> None:
         refresh, self._refresh = self._refresh, None
@@ -251,3 +259,18 @@ def _background(loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, T]) -
 
     task.add_done_callback(done)
     return task
+
+
+def schedule_of(job_id: str) -> str | None:
+    """The id of the schedule whose slot job ``job_id`` is (``repeat:<schedule id>:<ms>``)."""
+    if not job_id.startswith(SLOT_JOB_PREFIX):
+        return None
+    schedule_id = job_id[len(SLOT_JOB_PREFIX) :].rpartition(":")[0]
+    return schedule_id if schedule_id and slot_of(job_id, schedule_id) is not None else None
+
+
+def next_job_id(schedule: ScheduleInfo) -> str | None:
+    """The id of the schedule's pending job, if it has one."""
+    if schedule.next_run_at is None:
+        return None
+    return slot_job_id(schedule.id, round(schedule.next_run_at.timestamp() * 1000))
