@@ -1,5 +1,5 @@
-"""Screenshots of the dashboard for the docs: ``docs/dashboard.png`` and
-``docs/dashboard-job.png``.
+"""Screenshots of the dashboard for the docs: ``docs/dashboard.png`` (a queue),
+``dashboard-queues.png``, ``dashboard-job.png`` and ``dashboard-schedules.png``.
 
     .venv/bin/python scripts/dashboard_screenshot.py [--out-dir docs]
 
@@ -80,6 +80,15 @@ async def fill(path: str) -> str:
             for n in range(6)
         ]
     )
+    await emails.schedule(
+        "daily-digest",
+        "send_email",
+        {"to": "team@example.com", "template": "digest"},
+        cron="0 7 * * *",
+    )
+    await emails.schedule(
+        "warm-up-smtp", "send_email", {"to": "probe@example.com", "template": "ping"}, every_s=900
+    )
     failed = (await emails.list_jobs("failed", limit=1))[0].id
     await emails.close()
 
@@ -153,11 +162,13 @@ def main() -> None:
                 page.screenshot(path=str(out / "dashboard-job.png"))
                 page.goto(f"{url}/", wait_until="load")
                 page.screenshot(path=str(out / "dashboard-queues.png"), full_page=True)
+                page.goto(f"{url}/schedules", wait_until="load")
+                page.screenshot(path=str(out / "dashboard-schedules.png"), full_page=True)
                 browser.close()
         finally:
             server.terminate()
             server.wait(10)
-    print(f"wrote {out / 'dashboard.png'}, dashboard-job.png and dashboard-queues.png")
+    print(f"wrote {out / 'dashboard.png'} and the other screenshots beside it")
 
 
 if __name__ == "__main__":
