@@ -37,7 +37,7 @@ def counts_on(html: str, queue: str) -> dict[str, int]:
     assert row is not None, f"no row for {queue}"
     return {
         state: int(count)
-        for state, count in re.findall(r'data-state="(\w+)" data-count="(\d+)"', row.group(1))
+        for state, count in re.findall(r'data-state="([\w-]+)" data-count="(\d+)"', row.group(1))
     }
 
 
@@ -86,6 +86,7 @@ def test_pages_show_every_queue_with_the_counts_of_stats(
         assert counts_on(overview.text, settings.name) == {
             "active": 0,
             "waiting": 1,
+            "waiting-children": 0,
             "delayed": 1,
             "failed": 1,
             "completed": 1,
@@ -412,11 +413,11 @@ def test_odd_job_ids_link_to_their_pages(make_settings: SettingsFactory) -> None
 def test_panels_of_later_capabilities_render_when_the_storage_has_them(
     make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Workers, throughput and a job's relations are filled in by Storage methods that return
-    nothing today; a backend that records them gets the column, the chart and the section."""
+    """Workers and throughput are filled in by Storage methods that return nothing while the
+    backends record neither; a storage that reports them gets the column and the chart."""
     from datetime import UTC, datetime
 
-    from corral.dashboard.storage import JobRef, Related, Storage, Throughput
+    from corral.dashboard.storage import Storage, Throughput
 
     async def workers(self: Storage, queue: str) -> int:
         return 3
@@ -424,18 +425,10 @@ def test_panels_of_later_capabilities_render_when_the_storage_has_them(
     async def throughput(self: Storage, queue: str) -> Throughput:
         return Throughput(completed=[0, 4, 9, 2], failed=[0, 1, 0, 0], end=datetime.now(UTC))
 
-    async def related(self: Storage, job: Any) -> Related:
-        return Related(
-            parent=JobRef(job.queue, "parent-1", "flow", JobState.WAITING),
-            children=[JobRef(job.queue, "child-1", "step", JobState.COMPLETED)],
-            schedule="nightly",
-        )
-
     monkeypatch.setattr(Storage, "workers", workers)
     monkeypatch.setattr(Storage, "throughput", throughput)
-    monkeypatch.setattr(Storage, "related", related)
     settings = make_settings()
-    job_id = asyncio.run(_enqueue(settings, "x"))
+    asyncio.run(_enqueue(settings, "x"))
     with TestClient(create_app(settings)) as client:
         overview = client.get("/").text
         assert '<th class="num">workers</th>' in overview
@@ -444,10 +437,45 @@ def test_panels_of_later_capabilities_render_when_the_storage_has_them(
         assert "<h2>Throughput</h2>" in queue and "completed 15" in queue and "failed 1" in queue
         assert queue.count("<polyline") == 2
         assert "3 workers" in queue
-        job = client.get(f"/queues/{settings.name}/jobs/{job_id}").text
-        assert f'href="/queues/{settings.name}/jobs/parent-1"' in job
-        assert f'href="/queues/{settings.name}/jobs/child-1"' in job
-        assert "nightly" in job
+
+
+def test_a_flow_links_parents_and_children(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    other = make_settings(name=settings.name + "-steps")
+
+    async def go() -> Any:
+        async with QueueService(settings) as service:
+            return await service.enqueue_flow(
+                {
+                    "name": "assemble",
+                    "data": {"html": XSS},
+                    "children": [
+                        {"name": "fetch", "data": 1},
+                        {"name": "render", "data": 2, "queue": other.name},
+                    ],
+                }
+            )
+
+    flow = asyncio.run(go())
+    parent, (first, second) = flow, flow.children
+    with TestClient(create_app(settings)) as client:
+        waiting = client.get(f"/queues/{settings.name}", params={"state": "waiting-children"})
+        assert re.findall(r'<tr data-job-id="([^"]+)">', waiting.text) == [parent.id]
+        assert counts_on(client.get("/").text, settings.name)["waiting-children"] == 1
+        page = client.get(f"/queues/{settings.name}/jobs/{parent.id}").text
+        children = re.findall(r'<li data-child-id="([^"]+)"><a href="([^"]+)">', page)
+        assert sorted(children) == sorted(  # Redis keeps a parent's children in a set
+            [
+                (first.id, f"/queues/{settings.name}/jobs/{first.id}"),
+                (second.id, f"/queues/{other.name}/jobs/{second.id}"),
+            ]
+        )
+        assert page.count('<span class="pill child-pending">pending</span>') == 2
+        child = client.get(f"/queues/{other.name}/jobs/{second.id}").text
+        link = re.search(r'<a id="job-parent" href="([^"]+)">([^<]+)</a>', child)
+        assert link is not None
+        assert link.groups() == (f"/queues/{settings.name}/jobs/{parent.id}", parent.id)
+        assert "pill state-waiting-children" in child
 
 
 def test_the_command_imports_the_dashboard_only_when_it_runs() -> None:

@@ -305,8 +305,7 @@ def test_enqueue_promote_and_remove_through_the_forms(
         with page.expect_navigation():
             page.click('button[data-action="remove"]')
         assert page.locator(".notice-ok").inner_text() == f"Removed job {job_id}."
-    assert corral_stats(settings)["counts"] == dict.fromkeys(
-        ("active", "waiting", "delayed", "failed", "completed"), 0
-    )
+    counts = corral_stats(settings)["counts"]
+    assert set(counts.values()) == {0} and "waiting" in counts
     assert watched.dialogs == [f"confirm: Remove job {job_id}?"]
     assert watched.errors == []

@@ -25,10 +25,12 @@ from corral.settings import QueueSettings
 
 logger = logging.getLogger("corral.dashboard")
 T = TypeVar("T")
+MAX_CHILDREN_SHOWN = 200
 
 STATE_ORDER = (
     JobState.ACTIVE,
     JobState.WAITING,
+    JobState.WAITING_CHILDREN,
     JobState.DELAYED,
     JobState.FAILED,
     JobState.COMPLETED,
@@ -69,21 +71,26 @@ class QueueSummary:
 
 
 @dataclass(frozen=True, slots=True)
-class JobRef:
-    """A link to another job (a parent, a child)."""
+class LinkedJob:
+    """Another job a job page links to (its parent, a child)."""
 
     queue: str
     id: str
     name: str | None = None
     state: JobState | None = None
+    """Where the job is now; ``None`` when it is gone (a child's outcome outlives it)."""
+    status: str | None = None
+    """A child's status for its parent: pending, completed, ignored or failed."""
 
 
 @dataclass(slots=True)
 class Related:
-    """What a job page shows about the job's relations, where the storage records them."""
+    """What a job page shows about the job's relations."""
 
-    parent: JobRef | None = None
-    children: list[JobRef] = field(default_factory=list)
+    parent: LinkedJob | None = None
+    children: list[LinkedJob] = field(default_factory=list)
+    more_children: int = 0
+    """Children beyond those listed."""
     schedule: str | None = None
     """The id of the schedule that made the job."""
 
@@ -220,9 +227,27 @@ class Storage:
         return None
 
     async def related(self, job: JobInfo) -> Related:
-        """The schedule that made the job (its id is the schedule's slot id), and its parent
-        and children, which stay empty while the backends have no flows."""
-        return Related(schedule=schedule_of(job.id))
+        """The job's parent and children in a flow, and the schedule that made it."""
+        parent = None
+        if job.parent is not None:
+            found = await self.backend(job.parent.queue).get_job(job.parent.id)
+            parent = LinkedJob(
+                job.parent.queue,
+                job.parent.id,
+                found.name if found else None,
+                found.state if found else None,
+            )
+        children = await self.backend(job.queue).children(job.id)
+        shown = [
+            LinkedJob(child.queue, child.id, child.name, status=child.status.value)
+            for child in children[:MAX_CHILDREN_SHOWN]
+        ]
+        return Related(
+            parent=parent,
+            children=shown,
+            more_children=max(0, len(children) - MAX_CHILDREN_SHOWN),
+            schedule=schedule_of(job.id),
+        )
 
     # -- schedules -------------------------------------------------------------------------
 

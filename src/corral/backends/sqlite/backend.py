@@ -69,7 +69,7 @@ def _distinct_queues(state: str) -> str:
 
 
 _QUEUES_SQL = " UNION ".join(
-    [_distinct_queues(state) for state in ("waiting", "delayed", "active", "completed", "failed")]
+    [_distinct_queues(state) for state in JobState]  # each state has its partial index
     + ["SELECT name FROM queues"]
 )
 
