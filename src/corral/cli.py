@@ -551,5 +551,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(130)
 
 
+__all__ = ["app", "counts_table", "main"]  # counts_table: the table `corral stats` prints
+
 if __name__ == "__main__":
     main()
