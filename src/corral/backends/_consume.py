@@ -55,6 +55,9 @@ async def consume(
     ready: asyncio.Queue[Claim[Any] | None] = asyncio.Queue()
     owner: dict[Claim[Any], _Queue] = {}  # every claim held, by the queue it came from
     running: dict[Claim[Any], asyncio.Task[Any]] = {}
+    # Claims whose outcome is being written. A renewal racing that write may find the job
+    # already settled and call its lease lost: the settle itself reports a lease really lost.
+    settling: set[Claim[Any]] = set()
     errors = _ErrorPacer(stop)
     # Fetch-next refills the slot a job frees with a job of the same queue. Under a shared cap
     # that would let a busy queue keep every slot, so then freed slots are claimed afresh.
@@ -94,6 +97,7 @@ async def consume(
         if queue is None:
             return
         fetch_next = fetch_next_allowed and not stop.is_set() and not isinstance(outcome, Released)
+        settling.add(claim)
         try:
             try:
                 more = await queue.source.settle(claim, outcome, fetch_next=fetch_next)
@@ -120,6 +124,7 @@ async def consume(
                 "job %s: could not record its outcome; it will run again", claim.job_id
             )
         finally:
+            settling.discard(claim)
             free(claim)
 
     async def run(claim: Claim[Any], task: asyncio.Task[Any]) -> None:
@@ -217,13 +222,15 @@ async def consume(
             await asyncio.sleep(interval)
             for queue in queues:
                 if queue.held:
+                    # Claims being settled are renewed too: their write may wait a while.
                     lost = await errors.guard(
                         queue.source.extend(list(queue.held)), "renewing leases"
                     )
                     for claim in lost or ():
                         # A job settled while its renewal was on the way is not lost: only a
-                        # claim still held whose lease could not be renewed is.
-                        if claim in queue.held:
+                        # claim still held, and not being settled, whose lease could not be
+                        # renewed is.
+                        if claim in queue.held and claim not in settling:
                             logger.warning(
                                 "job %s: lease lost (held longer than lease_s without "
                                 "renewal); another worker may run it",

@@ -42,6 +42,13 @@ logger = logging.getLogger("corral.sqlite")
 
 MAINTAIN_EVERY_S = 1.0
 
+
+def trim_slack(keep: int) -> int:
+    """How many completed jobs a worker lets pile up over ``keep_completed`` before its settle
+    transaction trims them: trimming reads past ``keep`` rows, so it runs every ``keep/10``."""
+    return max(100, keep // 10)
+
+
 _READY_SQL = (
     "SELECT 1 WHERE EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'waiting') "
     "OR EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'delayed' AND run_at <= ?)"
@@ -91,6 +98,10 @@ class SQLiteSource(PullSource[int]):
         self._pending: list[_Pending] = []
         self._flush_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
+        keep = settings.keep_completed
+        # Completions since this worker last trimmed; starting full, its first settle trims.
+        self._trim_slack = trim_slack(keep) if keep else 0
+        self._untrimmed = self._trim_slack
         db.register(queue, self)
 
     async def aclose(self) -> None:
@@ -254,11 +265,19 @@ class SQLiteSource(PullSource[int]):
         token = secrets.token_hex(8)
         fetched_rows: list[Any] = []
         woken: set[str] = set()
+        if self._trim_slack:
+            self._untrimmed += sum(isinstance(outcome, Completed) for _, outcome, _, _ in batch)
+        trim = self._trim_slack and self._untrimmed >= self._trim_slack
+        if trim:
+            self._untrimmed = 0
 
         def apply_all(conn: sqlite3.Connection) -> list[bool | str]:
             fetched_rows.clear()
             woken.clear()
             kept = [self._apply(conn, claim, outcome, now, woken) for claim, outcome, _, _ in batch]
+            if trim:
+                # keep_completed holds while jobs flow, not only at housekeeping.
+                trim_finished(conn, self.queue, "completed", self.settings.keep_completed or 0)
             if fetch:
                 fetched_rows.extend(self._take(conn, now, token, fetch))
             return kept
