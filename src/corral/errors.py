@@ -67,6 +67,11 @@ class HandlerTimeoutError(CorralError, TimeoutError):
     """A handler ran longer than its ``timeout_s``; that attempt failed."""
 
 
+class HandlerCrashError(CorralError):
+    """An isolated handler's process died (a crash, ``os._exit``) before it answered; that
+    attempt failed."""
+
+
 class NoHandlerError(CorralError, LookupError):
     """A worker received a job whose name has no registered handler."""
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from corral.errors import HandlerTimeoutError, PayloadError, UnrecoverableError
+from corral.errors import ConfigError, HandlerTimeoutError, PayloadError, UnrecoverableError
+from corral.isolation import ChildFailure, EncodedResult, HandlerProcesses
 from corral.message import (
     Completed,
     Failed,
@@ -52,6 +53,8 @@ class HandlerSpec:
     attempts: int | None
     backoff: Retry | None
     timeout_s: float | None
+    isolate: bool = False
+    """A sync handler run in a child process (corral.isolation), killed at ``timeout_s``."""
 
 
 def is_async(fn: Callable[..., Any]) -> bool:
@@ -60,6 +63,41 @@ def is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004
     )
+
+
+def handler_spec(
+    name: str,
+    fn: Handler,
+    attempts: int | None,
+    backoff: Retry | None,
+    timeout_s: float | None,
+    isolate: bool | None,
+    isolate_default: bool,
+) -> HandlerSpec:
+    """The spec of a handler being registered (its other options are checked already)."""
+    is_isolated = _isolated(name, fn, isolate, isolate_default)
+    timeout = float(timeout_s) if timeout_s else None
+    return HandlerSpec(name, fn, is_async(fn), attempts, backoff, timeout, is_isolated)
+
+
+def _isolated(name: str, fn: Handler, isolate: bool | None, default: bool) -> bool:
+    """Whether handler ``name`` runs in a child process: ``isolate``, else ``default`` for a
+    plain function (async ones never)."""
+    if isolate is None:
+        return default and not is_async(fn)
+    if not isinstance(isolate, bool):
+        raise ConfigError(f"isolate of handler {name!r} must be True or False, got {isolate!r}")
+    if isolate and is_async(fn):
+        raise ConfigError(
+            f"handler {name!r} is async: isolate=True is for plain functions (an async handler "
+            "is cancelled at its timeout_s already)"
+        )
+    if isolate and "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ConfigError(
+            f"handler {name!r} has isolate=True but is defined inside a function: a child "
+            "process imports it, so define it at the top level of a module"
+        )
+    return isolate
 
 
 def job_fields(message: QueueMessage) -> dict[str, Any]:
@@ -151,6 +189,11 @@ class Dispatcher:
         self.safe_integers = safe_integers
         self.threads = threads
         self.enqueue = enqueue
+        self.processes = HandlerProcesses(max_payload_bytes, safe_integers)
+
+    def close(self) -> None:
+        """Stop the child processes of isolated handlers."""
+        self.processes.close()
 
     async def __call__(self, message: QueueMessage) -> Outcome:
         spec = self.handlers.get(message.name)
@@ -178,6 +221,10 @@ class Dispatcher:
             # only a signal to the process stops the worker.
             return self.failure(message, exc)
         try:
+            if isinstance(result, EncodedResult):  # an isolated handler's, checked in its child
+                if result.refused is not None:
+                    raise PayloadError(result.refused)
+                return Completed(result.json)
             return Completed(
                 encode_payload(
                     result,
@@ -199,6 +246,8 @@ class Dispatcher:
             return Failed(f"{exc}", "")
 
     async def _call(self, spec: HandlerSpec, message: QueueMessage) -> Any:
+        if spec.isolate:
+            return await self.processes.run(spec.name, spec.fn, message, spec.timeout_s)
         if not spec.is_async:
             return await self.threads.run(spec, message)
         if spec.timeout_s is None:
@@ -211,9 +260,13 @@ class Dispatcher:
             ) from None
 
     def failure(self, message: QueueMessage, exc: BaseException) -> Outcome:
-        error = f"{type(exc).__name__}: {exc}"
-        trace = "".join(traceback.format_exception(exc))
-        outcome = failed_attempt(message, error, trace, final=isinstance(exc, UnrecoverableError))
+        if isinstance(exc, ChildFailure):  # raised in an isolated handler's child process
+            error, trace, final = exc.error, exc.trace, exc.final
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            trace = "".join(traceback.format_exception(exc))
+            final = isinstance(exc, UnrecoverableError)
+        outcome = failed_attempt(message, error, trace, final=final)
         attempt = attempt_text(message.attempt, message.max_attempts)
         if isinstance(outcome, Failed):
             logger.error(

@@ -13,7 +13,7 @@ from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.flows import FlowJob, FlowNode, plan_flow, write_flow
-from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, is_async
+from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, handler_spec
 from corral.jobs import check_attempts, check_name, new_job
 from corral.manage import QueueManagement
 from corral.message import (
@@ -82,13 +82,16 @@ class QueueService(QueueManagement):
         attempts: int | None = None,
         backoff: Retry | None = None,
         timeout_s: float | None = None,
+        isolate: bool | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated function as the handler of jobs called ``name``.
 
         Async functions run on the worker's event loop; plain functions run in a thread pool
         sized to the worker's concurrency, so they never block the loop. ``attempts`` and
         ``backoff`` are the defaults for jobs of this name enqueued from a process that
-        registered the handler; ``timeout_s`` fails an attempt that runs longer.
+        registered the handler; ``timeout_s`` fails an attempt that runs longer. ``isolate``
+        (default: the ``isolate_sync`` setting) runs a plain function in a child process,
+        killed at ``timeout_s``; a crash of it fails the attempt, not the worker.
         """
         check_name(name)
         if attempts is not None:
@@ -105,8 +108,9 @@ class QueueService(QueueManagement):
         def register(fn: H) -> H:
             if name in self.handlers and self.handlers[name].fn is not fn:
                 raise ConfigError(f"a handler is already registered for {name!r}")
-            self.handlers[name] = HandlerSpec(
-                name, fn, is_async(fn), attempts, backoff, float(timeout_s) if timeout_s else None
+            isolate_default = self.settings.isolate_sync
+            self.handlers[name] = handler_spec(
+                name, fn, attempts, backoff, timeout_s, isolate, isolate_default
             )
             return fn
 
@@ -470,7 +474,7 @@ class QueueService(QueueManagement):
                 self.stuck = (
                     f"{len(threads.abandoned)} synchronous handler threads are still running "
                     "past their timeout_s; stopping this worker so that its process can be "
-                    "restarted (only that frees them; isolate such handlers in a process)"
+                    "restarted (only that frees them; isolate=True kills such a handler instead)"
                 )
                 logger.error("%s", self.stuck)
                 self.stop()
@@ -502,6 +506,7 @@ class QueueService(QueueManagement):
                 declared.cancel()
                 await asyncio.gather(declared, return_exceptions=True)
             threads.shutdown()
+            dispatch.close()
             self._stop = asyncio.Event()  # a fresh one for the next run (and its event loop)
             logger.info("worker stopped: %s", ", ".join(f"queue={each.name!r}" for each in served))
 

@@ -93,6 +93,7 @@ class QueueSettings(BaseSettings):
     poll_interval_s: float = Field(default=0.02, gt=0, le=60)
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     allow_unsafe_integers: bool = False
+    isolate_sync: bool = False
     max_flow_jobs: int = Field(default=10_000, ge=1, le=1_000_000)
     names: Annotated[list[str], NoDecode] = Field(default_factory=list)
     outbox_url: str | None = None
