@@ -92,10 +92,14 @@ def _isolated(name: str, fn: Handler, isolate: bool | None, default: bool) -> bo
             f"handler {name!r} is async: isolate=True is for plain functions (an async handler "
             "is cancelled at its timeout_s already)"
         )
-    if isolate and "<locals>" in getattr(fn, "__qualname__", ""):
+    qualname = getattr(fn, "__qualname__", None)
+    if isolate and (
+        not isinstance(qualname, str) or "<locals>" in qualname or not getattr(fn, "__module__", "")
+    ):
         raise ConfigError(
-            f"handler {name!r} has isolate=True but is defined inside a function: a child "
-            "process imports it, so define it at the top level of a module"
+            f"handler {name!r} has isolate=True but is not a function at the top level of a "
+            "module (it is defined inside a function, or is a partial or an instance): a child "
+            "process imports it by module and name"
         )
     return isolate
 

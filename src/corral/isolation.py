@@ -14,23 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, cast
 
 from corral.errors import HandlerCrashError, HandlerTimeoutError, PayloadError, UnrecoverableError
 from corral.message import QueueMessage
-from corral.payload import decode_json, encode_payload
+from corral.payload import encode_payload
+from corral.retry import Retry
 
 logger = logging.getLogger("corral.worker")
 
@@ -109,13 +111,7 @@ class HandlerProcesses:
         timeout_s: float | None,
     ) -> EncodedResult:
         """Run ``fn(message)`` in a child; kill the child past ``timeout_s``."""
-        try:
-            request = pickle.dumps((fn, _fields(message), self.limits))
-        except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            raise UnrecoverableError(
-                f"handler {name!r} has isolate=True but cannot be sent to a child process "
-                f"({exc}); make it a module-level function of an importable module"
-            ) from None
+        request = _request(fn, message, self.limits)
         child = self._idle.pop() if self._idle else await asyncio.to_thread(_Child)
         self._busy.add(child)
         keep = False
@@ -123,7 +119,7 @@ class HandlerProcesses:
             child.conn.send_bytes(request)
             await _readable(child.conn, timeout_s)
             try:
-                reply = child.conn.recv()
+                reply = json.loads(child.conn.recv_bytes())
             except (EOFError, OSError):
                 raise HandlerCrashError(
                     f"handler {name!r} did not finish: {child.how_it_ended()}"
@@ -140,13 +136,11 @@ class HandlerProcesses:
             else:
                 # Killed at the timeout, on a crash or on cancellation: a fresh one next time.
                 await asyncio.to_thread(child.kill)
-        kind, *rest = reply
-        if kind == "ok":
-            return EncodedResult(rest[0])
-        if kind == "refused":
-            return EncodedResult("", refused=rest[0])
-        error, trace, final = rest
-        raise ChildFailure(error, trace, final)
+        if "result" in reply:
+            return EncodedResult(reply["result"])
+        if "refused" in reply:
+            return EncodedResult("", refused=reply["refused"])
+        raise ChildFailure(reply["error"], reply["trace"], reply["final"])
 
     def close(self) -> None:
         """Stop every child: idle ones end, busy ones (shutdown's cancel) are killed."""
@@ -180,20 +174,71 @@ def _exit_with_worker(alive: Connection) -> None:
     os._exit(1)
 
 
-def _fields(message: QueueMessage) -> tuple[Any, ...]:
-    data = json.dumps(message.data, ensure_ascii=False, separators=(",", ":"))
-    return (
-        message.id,
-        message.name,
-        data,
-        message.queue,
-        message.attempt,
-        message.max_attempts,
-        message.priority,
-        message.enqueued_at,
-        message.backoff,
-        message._max_bytes,
-    )
+def _request(
+    fn: Callable[[QueueMessage], Any], message: QueueMessage, limits: tuple[int, bool]
+) -> bytes:
+    """What a child is sent: where to import the handler from, and the job (JSON)."""
+    return json.dumps(
+        {
+            "module": fn.__module__,
+            "qualname": fn.__qualname__,
+            "id": message.id,
+            "name": message.name,
+            "data": message.data,
+            "queue": message.queue,
+            "attempt": message.attempt,
+            "max_attempts": message.max_attempts,
+            "priority": message.priority,
+            "enqueued_at_ms": round(message.enqueued_at.timestamp() * 1000),
+            "backoff": message.backoff.to_bullmq() if message.backoff else None,
+            "max_payload_bytes": limits[0],
+            "safe_integers": limits[1],
+        },
+        ensure_ascii=False,
+    ).encode("utf-8", "surrogatepass")
+
+
+def _handler(module: str, qualname: str) -> Callable[[QueueMessage], Any]:
+    """The handler, imported as its module names it (the worker checked it is top-level)."""
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return cast("Callable[[QueueMessage], Any]", found)
+
+
+def _run_one(request: bytes) -> dict[str, Any]:
+    try:
+        job = json.loads(request.decode("utf-8", "surrogatepass"))
+        message = QueueMessage(
+            job["id"],
+            job["name"],
+            job["data"],
+            job["queue"],
+            job["attempt"],
+            job["max_attempts"],
+            job["priority"],
+            datetime.fromtimestamp(job["enqueued_at_ms"] / 1000, UTC),
+            Retry.from_bullmq(job["backoff"]),
+            _max_bytes=job["max_payload_bytes"],
+        )
+        result = _handler(job["module"], job["qualname"])(message)
+    except BaseException as exc:  # SystemExit too: the attempt fails, the child lives on
+        return {
+            "error": f"{type(exc).__name__}: {exc}",
+            "trace": "".join(traceback.format_exception(exc)),
+            "final": isinstance(exc, UnrecoverableError),
+        }
+    try:
+        return {
+            "result": encode_payload(
+                result,
+                max_bytes=job["max_payload_bytes"],
+                what="handler result",
+                safe_integers=job["safe_integers"],
+            )
+        }
+    except PayloadError as exc:
+        return {"refused": str(exc)}
 
 
 def _serve(conn: Connection, alive: Connection) -> None:
@@ -208,40 +253,5 @@ def _serve(conn: Connection, alive: Connection) -> None:
             request = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        try:
-            fn, fields, (max_bytes, safe_integers) = pickle.loads(request)
-            ident, name, data, queue, attempt, max_attempts, priority, at, backoff, cap = fields
-            message = QueueMessage(
-                ident,
-                name,
-                decode_json(data),
-                queue,
-                attempt,
-                max_attempts,
-                priority,
-                at,
-                backoff,
-                _max_bytes=cap,
-            )
-            result = fn(message)
-        except BaseException as exc:  # SystemExit too: the attempt fails, the child lives on
-            reply: tuple[Any, ...] = (
-                "error",
-                f"{type(exc).__name__}: {exc}",
-                "".join(traceback.format_exception(exc)),
-                isinstance(exc, UnrecoverableError),
-            )
-        else:
-            try:
-                reply = (
-                    "ok",
-                    encode_payload(
-                        result,
-                        max_bytes=max_bytes,
-                        what="handler result",
-                        safe_integers=safe_integers,
-                    ),
-                )
-            except PayloadError as exc:
-                reply = ("refused", str(exc))
-        conn.send(reply)
+        reply = json.dumps(_run_one(request), ensure_ascii=False)
+        conn.send_bytes(reply.encode("utf-8", "surrogatepass"))
