@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -23,7 +24,8 @@ from corral.errors import ConfigError
 from corral.retry import Retry
 
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEME = "redis+sentinel"
+_REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 _SECRET_FIELDS = frozenset({"redis_url", "outbox_url"})
 _HIDDEN_FIELDS = frozenset({"dashboard_password", "dashboard_secret"})
 """Secrets that are not URLs: shown as ``***`` whole."""
@@ -50,6 +52,55 @@ def redact_url(url: str) -> str:
             user = "***"  # redis://TOKEN@host carries the password in the user slot
         netloc = f"{user}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names: the sentinels, the monitored primary's name (the
+    ``service``), its database and credentials (for the primary; sentinels are asked without)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``; the
+    port defaults to 26379. Raises ValueError with a message that does not repeat the URL."""
+    usage = "use redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"is not a {SENTINEL_SCHEME}:// URL; {usage}")
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        item = item.strip()
+        host, colon, port = item.rpartition(":")
+        if not colon or (":" in host and not host.endswith("]")):
+            host, port = item, "26379"  # no port, or a bare IPv6 address
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"has a sentinel address that is not host:port; {usage}")
+        sentinels.append((host, int(port)))
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2:
+        raise ValueError(f"must name the monitored primary (the service name); {usage}")
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"has a database part that is not a number; {usage}")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return SentinelTarget(
+        tuple(sentinels),
+        unquote(path[0]),
+        int(path[1]) if len(path) == 2 else 0,
+        username,
+        password,
+    )
 
 
 class QueueSettings(BaseSettings):
@@ -184,6 +235,9 @@ class QueueSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
+        if value.startswith(SENTINEL_SCHEME + "://"):
+            parse_sentinel_url(value)
+            return value
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018  (raises ValueError on a bad port)

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as RedisRetry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 
@@ -34,7 +35,7 @@ from corral.backends.bullmq.protocol import (
 )
 from corral.backends.bullmq.wire import Wire, bulk, pack_command
 from corral.errors import BackendAuthError, BackendConnectionError, BackendError
-from corral.settings import QueueSettings
+from corral.settings import SENTINEL_SCHEME, QueueSettings, parse_sentinel_url
 
 logger = logging.getLogger("corral.bullmq")
 
@@ -68,6 +69,11 @@ class RedisStore:
     @property
     def cluster(self) -> bool:
         return self.settings.redis_cluster
+
+    @property
+    def sentinel(self) -> bool:
+        """Whether the primary is found through Redis Sentinel (a ``redis+sentinel://`` URL)."""
+        return self.settings.redis_url.startswith(SENTINEL_SCHEME + "://")
 
     # -- connections -----------------------------------------------------------------------
 
@@ -429,10 +435,53 @@ class AutoPipeline:
 
 def client_from_url(settings: QueueSettings, **options: Any) -> Client:
     """A pooled client for ``settings.redis_url``; with ``redis_cluster``, a cluster client,
-    which follows the slots (and MOVED replies) to the right node."""
+    which follows the slots (and MOVED replies) to the right node; for a ``redis+sentinel://``
+    URL, a client of the primary the sentinels name now (see :func:`dedicated_client`)."""
     if settings.redis_cluster:
         return RedisCluster.from_url(settings.redis_url, decode_responses=True, **options)
-    return aioredis.Redis.from_url(settings.redis_url, decode_responses=True, **options)
+    return dedicated_client(settings.redis_url, single=False, **options)
+
+
+def dedicated_client(url: str, *, single: bool = True, **options: Any) -> aioredis.Redis:
+    """A client of one server (``single``: on one connection of its own, for blocking calls).
+
+    Through Sentinel every new connection asks the sentinels for the primary's address, and a
+    connection to a primary that was demoted fails with ConnectionError on its first write
+    (redis-py's SentinelManagedConnection): after a failover the next attempt reaches the new
+    primary with no restart.
+    """
+    if not url.startswith(SENTINEL_SCHEME + "://"):
+        return aioredis.Redis.from_url(
+            url, decode_responses=True, single_connection_client=single, **options
+        )
+    target = parse_sentinel_url(url)
+    # Sentinels answer at once or are down: short timeouts, so a dead one is skipped quickly.
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels, sentinel_kwargs={"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+    )
+    pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        target.service,
+        manager,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        decode_responses=True,
+        **options,
+    )
+    client = _SentinelClient(connection_pool=pool, single_connection_client=single)
+    client.manager = manager
+    client.auto_close_connection_pool = True
+    return client
+
+
+class _SentinelClient(aioredis.Redis):
+    """A client of a Sentinel-monitored primary that closes its sentinel connections too."""
+
+    manager: Sentinel
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await self.manager.aclose()
 
 
 def node_url(url: str, host: str, port: int) -> str:

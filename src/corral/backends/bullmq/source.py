@@ -38,7 +38,12 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
-from corral.backends.bullmq.connection import CLOSE_TIMEOUT_S, RedisStore, node_url
+from corral.backends.bullmq.connection import (
+    CLOSE_TIMEOUT_S,
+    RedisStore,
+    dedicated_client,
+    node_url,
+)
 from corral.backends.bullmq.flows import CHILDREN_REFUSALS, read_children
 from corral.backends.bullmq.protocol import (
     FINISH_ERRORS,
@@ -177,10 +182,8 @@ class BullMQSource(PullSource[Delivery]):
                 if node is None:
                     raise redis_errors.ConnectionError("no cluster node serves the queue's slot")
                 url = node_url(url, node.host, int(node.port))
-            self._wait.client = aioredis.Redis.from_url(
+            self._wait.client = dedicated_client(
                 url,
-                decode_responses=True,
-                single_connection_client=True,
                 socket_connect_timeout=5.0,
                 socket_timeout=_MAX_BLOCK_S + 5.0,
                 client_name=self.worker_name,
@@ -190,8 +193,10 @@ class BullMQSource(PullSource[Delivery]):
 
     async def _drop_wait_client(self) -> None:
         """After an error: a failover or a resharding may have moved the marker key's slot, so
-        a cluster's node is looked up again (the cluster client follows MOVED replies)."""
-        if not self.store.cluster:
+        a cluster's node is looked up again (the cluster client follows MOVED replies); through
+        Sentinel the primary is asked for again (redis-py reconnects a single connection to
+        the address it had)."""
+        if not (self.store.cluster or self.store.sentinel):
             return  # one server: the single connection reconnects by itself
         client, self._wait.client = self._wait.client, None
         if client is not None:
