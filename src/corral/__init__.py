@@ -8,6 +8,7 @@ from corral.errors import (
     CorralError,
     HandlerTimeoutError,
     JobActiveError,
+    JobFailedError,
     JobNotFoundError,
     LeaseLostError,
     MissingDependencyError,
@@ -16,6 +17,7 @@ from corral.errors import (
     ScheduleConflictError,
     TaskModuleError,
     UnrecoverableError,
+    WaitTimeoutError,
 )
 from corral.flows import FlowJob, FlowNode, chain, chord
 from corral.message import Child, ChildStatus, JobInfo, JobRef, JobState, QueueMessage
@@ -38,6 +40,7 @@ __all__ = [
     "FlowNode",
     "HandlerTimeoutError",
     "JobActiveError",
+    "JobFailedError",
     "JobInfo",
     "JobNotFoundError",
     "JobRef",
@@ -54,6 +57,7 @@ __all__ = [
     "ScheduleInfo",
     "TaskModuleError",
     "UnrecoverableError",
+    "WaitTimeoutError",
     "__version__",
     "chain",
     "chord",

@@ -22,6 +22,7 @@ from corral.message import (
     Outcome,
     QueueMessage,
 )
+from corral.results import QueueResults
 from corral.retry import Retry
 from corral.schedules import (
     NewSchedule,
@@ -44,7 +45,7 @@ H = TypeVar("H", bound=Handler)
 REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
 
 
-class QueueService(QueueManagement):
+class QueueService(QueueManagement, QueueResults):
     """One queue: its handlers, its producer side and its worker.
 
     Example::

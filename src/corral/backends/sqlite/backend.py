@@ -22,6 +22,7 @@ from corral.backends.sqlite import flows, schedules, transfer
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
+from corral.backends.sqlite.watch import SQLiteWatch
 from corral.errors import JobActiveError, ScheduleConflictError
 from corral.message import (
     Child,
@@ -153,6 +154,9 @@ class SQLiteBackend(PullBackend):
         where, params = self._id_clause(job_id)
         rows = self.db.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}", params)
         return self._infos(rows)[0] if rows else None
+
+    async def watch_job(self, job_id: str) -> SQLiteWatch:
+        return SQLiteWatch(self.db)
 
     async def children(self, job_id: str) -> list[Child]:
         where, params = self._id_clause(job_id)
