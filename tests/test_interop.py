@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 import redis
 
-from corral import FlowJob, JobFailedError, JobState, QueueMessage, QueueService, Retry
+from corral import (
+    Deduplication,
+    FlowJob,
+    JobFailedError,
+    JobState,
+    QueueMessage,
+    QueueService,
+    Retry,
+)
 from corral.backends.bullmq import LIB_VERSION
 
 from conftest import SettingsFactory, finished, missing, run_worker_until
@@ -709,3 +717,46 @@ async def test_corral_wait_for_on_node_run_jobs(
     assert failure.traceback is not None and "broken on purpose" in failure.traceback
     # Finished before the call: answered from the job, Node's worker gone.
     assert await service.wait_for(done, timeout_s=0.05) == {"echo": {"n": 1}, "attempt": 1}
+
+
+async def test_node_and_corral_producers_deduplicate_against_each_other(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        first = await service.enqueue("sync", 1, deduplication=Deduplication("a", ttl_s=30))
+        node = await run_node(
+            "producer.mjs",
+            node_args(
+                settings,
+                jobs=[
+                    {
+                        "name": "sync",
+                        "data": 2,
+                        "opts": {"deduplication": {"id": "a", "ttl": 30000}},
+                    },
+                    {"name": "sync", "data": 3, "opts": {"deduplication": {"id": "b"}}},
+                ],
+            ),
+        )
+        assert node["ids"][0] == first
+        assert await service.enqueue("sync", 4, deduplication=Deduplication("b")) == node["ids"][1]
+        # The job records its deduplication id as Node's does, so Node's finish frees it.
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            assert client.hget(f"bull:{settings.name}:{first}", "deid") == "a"
+            assert client.pttl(f"bull:{settings.name}:de:a") > 25_000
+        finally:
+            client.close()
+        seen = await run_node(
+            "events.mjs", node_args(settings, names=["deduplicated"], count=2, timeoutMs=5000)
+        )
+    assert not seen["timedOut"]
+    assert [event["args"] for event in seen["events"]] == [
+        {"jobId": first, "deduplicationId": "a", "deduplicatedJobId": str(int(first) + 1)},
+        {
+            "jobId": node["ids"][1],
+            "deduplicationId": "b",
+            "deduplicatedJobId": str(int(node["ids"][1]) + 1),
+        },
+    ]

@@ -1,5 +1,6 @@
 """corral: a Python job queue with one API over SQLite and BullMQ on Redis."""
 
+from corral.dedup import Deduplication
 from corral.errors import (
     BackendAuthError,
     BackendConnectionError,
@@ -36,6 +37,7 @@ __all__ = [
     "ChildStatus",
     "ConfigError",
     "CorralError",
+    "Deduplication",
     "FlowJob",
     "FlowNode",
     "HandlerTimeoutError",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
+from corral.dedup import Deduplication, check_deduplication
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.flows import FlowJob, FlowNode, plan_flow, write_flow
 from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, is_async
@@ -212,6 +213,7 @@ class QueueService(QueueManagement, QueueResults):
         backoff: Retry | None = None,
         job_id: str | None = None,
         queue: str | None = None,
+        deduplication: Deduplication | None = None,
     ) -> NewJob:
         """Validate a job and encode its payload; raise PayloadError before anything is written."""
         spec = self.handlers.get(name) if type(name) is str else None
@@ -219,7 +221,7 @@ class QueueService(QueueManagement, QueueResults):
             attempts = spec.attempts if spec and spec.attempts else self.settings.attempts
         if backoff is None:
             backoff = spec.backoff if spec and spec.backoff else self.settings.backoff
-        return new_job(
+        job = new_job(
             name,
             data,
             delay_s=delay_s,
@@ -231,6 +233,9 @@ class QueueService(QueueManagement, QueueResults):
             max_payload_bytes=self.settings.max_payload_bytes,
             safe_integers=self._safe_integers,
         )
+        if deduplication is not None:
+            job.deduplication = check_deduplication(deduplication)
+        return job
 
     async def enqueue(
         self,
@@ -242,12 +247,15 @@ class QueueService(QueueManagement, QueueResults):
         attempts: int | None = None,
         backoff: Retry | None = None,
         job_id: str | None = None,
+        deduplication: Deduplication | None = None,
     ) -> str:
         """Add a job and return its id.
 
         ``data`` must be plain JSON; it reaches the handler exactly as given. ``priority``: lower
         runs first (0, the default, before any other). If ``job_id`` names a job that already
         exists in the queue (any state, until removed), nothing is added and that id is returned.
+        ``deduplication`` adds it only if no job stands for that id (simple, throttle or debounce,
+        see :mod:`corral.dedup`); the id returned is then the standing job's.
 
         Raises:
             PayloadError: bad data or options; nothing was written.
@@ -260,6 +268,7 @@ class QueueService(QueueManagement, QueueResults):
             attempts=attempts,
             backoff=backoff,
             job_id=job_id,
+            deduplication=deduplication,
         )
         (job_id_out,) = await self.backend.enqueue([job])
         return job_id_out
