@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 import redis
 
-from corral import FlowJob, JobState, QueueMessage, QueueService, Retry
+from corral import (
+    Deduplication,
+    FlowJob,
+    JobFailedError,
+    JobState,
+    QueueMessage,
+    QueueService,
+    Retry,
+)
 from corral.backends.bullmq import LIB_VERSION
 
 from conftest import SettingsFactory, finished, missing, run_worker_until
@@ -638,3 +646,117 @@ async def test_corral_flow_run_by_node_workers(
     async with QueueService(settings.with_name(q)) as service:
         statuses = {c.id: c.status.value for c in await service.get_children(mid.id)}
         assert statuses == {part3.id: "completed", boom.id: "ignored"}
+
+
+async def test_node_wait_until_finished_on_corral_run_jobs(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    async with QueueService(settings) as service:
+
+        @service.handler("work")
+        async def work(message: QueueMessage) -> Any:
+            if message.data == "fail" or (message.data == "flaky" and message.attempt == 1):
+                raise RuntimeError(f"{message.data} on attempt {message.attempt}")
+            return {"done": message.data, "attempt": message.attempt}
+
+        ids = [
+            await service.enqueue("work", "ok"),
+            await service.enqueue("work", "flaky", attempts=2),
+            await service.enqueue("work", "fail"),
+        ]
+        waiter = await asyncio.create_subprocess_exec(
+            "node",
+            "wait.mjs",
+            json.dumps(node_args(settings, ids=ids)),
+            cwd=NODE_DIR,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert waiter.stdout is not None
+        try:
+            # Node listens before the jobs run: it sees them finish through the events.
+            line = await asyncio.wait_for(waiter.stdout.readline(), 20)
+            assert json.loads(line) == {"listening": True}
+            await run_worker_until(service, finished(service, 3), timeout_s=20)
+            last = await asyncio.wait_for(waiter.stdout.read(), 20)
+        finally:
+            if waiter.returncode is None:
+                waiter.kill()
+            await waiter.wait()
+    results = json.loads(last.decode().strip().split("\n")[-1])["results"]
+    assert results == {
+        ids[0]: {"returnvalue": {"done": "ok", "attempt": 1}},
+        ids[1]: {"returnvalue": {"done": "flaky", "attempt": 2}},
+        ids[2]: {"failedReason": "RuntimeError: fail on attempt 1"},
+    }
+
+
+async def test_corral_wait_for_on_node_run_jobs(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        done = await service.enqueue("echo", {"n": 1})
+        flaky = await service.enqueue("flaky", 2, attempts=2)
+        bad = await service.enqueue("bad", None)
+        waits = asyncio.gather(
+            service.wait_for(done, timeout_s=30),
+            service.wait_for(flaky, timeout_s=30),
+            service.wait_for(bad, timeout_s=30),
+            return_exceptions=True,
+        )
+        behaviours = {"flaky": {"failUntilAttempt": 2}, "bad": {"fail": "broken on purpose"}}
+        node = asyncio.create_task(
+            run_node("worker.mjs", node_args(settings, expect=3, behaviours=behaviours))
+        )
+        echoed, flaky_result, failure = await waits
+        assert not (await node)["timedOut"]
+    assert echoed == {"echo": {"n": 1}, "attempt": 1}
+    assert flaky_result == {"echo": 2, "attempt": 2}
+    assert isinstance(failure, JobFailedError) and failure.reason == "broken on purpose"
+    assert failure.traceback is not None and "broken on purpose" in failure.traceback
+    # Finished before the call: answered from the job, Node's worker gone.
+    assert await service.wait_for(done, timeout_s=0.05) == {"echo": {"n": 1}, "attempt": 1}
+
+
+async def test_node_and_corral_producers_deduplicate_against_each_other(
+    make_settings: SettingsFactory, node_bullmq: Path
+) -> None:
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        first = await service.enqueue("sync", 1, deduplication=Deduplication("a", ttl_s=30))
+        node = await run_node(
+            "producer.mjs",
+            node_args(
+                settings,
+                jobs=[
+                    {
+                        "name": "sync",
+                        "data": 2,
+                        "opts": {"deduplication": {"id": "a", "ttl": 30000}},
+                    },
+                    {"name": "sync", "data": 3, "opts": {"deduplication": {"id": "b"}}},
+                ],
+            ),
+        )
+        assert node["ids"][0] == first
+        assert await service.enqueue("sync", 4, deduplication=Deduplication("b")) == node["ids"][1]
+        # The job records its deduplication id as Node's does, so Node's finish frees it.
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            assert client.hget(f"bull:{settings.name}:{first}", "deid") == "a"
+            assert client.pttl(f"bull:{settings.name}:de:a") > 25_000
+        finally:
+            client.close()
+        seen = await run_node(
+            "events.mjs", node_args(settings, names=["deduplicated"], count=2, timeoutMs=5000)
+        )
+    assert not seen["timedOut"]
+    assert [event["args"] for event in seen["events"]] == [
+        {"jobId": first, "deduplicationId": "a", "deduplicatedJobId": str(int(first) + 1)},
+        {
+            "jobId": node["ids"][1],
+            "deduplicationId": "b",
+            "deduplicatedJobId": str(int(node["ids"][1]) + 1),
+        },
+    ]

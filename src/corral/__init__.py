@@ -1,5 +1,6 @@
 """corral: a Python job queue with one API over SQLite and BullMQ on Redis."""
 
+from corral.dedup import Deduplication
 from corral.errors import (
     BackendAuthError,
     BackendConnectionError,
@@ -9,6 +10,7 @@ from corral.errors import (
     HandlerCrashError,
     HandlerTimeoutError,
     JobActiveError,
+    JobFailedError,
     JobNotFoundError,
     LeaseLostError,
     MissingDependencyError,
@@ -17,6 +19,7 @@ from corral.errors import (
     ScheduleConflictError,
     TaskModuleError,
     UnrecoverableError,
+    WaitTimeoutError,
 )
 from corral.flows import FlowJob, FlowNode, chain, chord
 from corral.message import Child, ChildStatus, JobInfo, JobRef, JobState, QueueMessage
@@ -35,11 +38,13 @@ __all__ = [
     "ChildStatus",
     "ConfigError",
     "CorralError",
+    "Deduplication",
     "FlowJob",
     "FlowNode",
     "HandlerCrashError",
     "HandlerTimeoutError",
     "JobActiveError",
+    "JobFailedError",
     "JobInfo",
     "JobNotFoundError",
     "JobRef",
@@ -56,6 +61,7 @@ __all__ = [
     "ScheduleInfo",
     "TaskModuleError",
     "UnrecoverableError",
+    "WaitTimeoutError",
     "__version__",
     "chain",
     "chord",

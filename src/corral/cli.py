@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
+from corral._cli_results import register as register_result_commands
 from corral._cli_schedules import register as register_schedule_commands
 from corral._cli_tx import move, outbox_app, relay
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
@@ -416,6 +417,7 @@ def purge(
 
 
 register_schedule_commands(app, run, out)
+register_result_commands(app, run)
 
 
 # -- workers ------------------------------------------------------------------------------------

@@ -59,6 +59,20 @@ class JobNotFoundError(CorralError, KeyError):
         return str(self.args[0]) if self.args else "job not found"
 
 
+class JobFailedError(CorralError):
+    """The job waited for failed for good; ``reason`` and ``traceback`` are its last attempt's."""
+
+    def __init__(self, job_id: str, reason: str, traceback: str | None = None) -> None:
+        super().__init__(f"job {job_id} failed: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+        self.traceback = traceback
+
+
+class WaitTimeoutError(CorralError, TimeoutError):
+    """The job waited for did not finish in time; it is left as it is (it may still finish)."""
+
+
 class UnrecoverableError(Exception):
     """Raise from a handler to fail the job at once, with no further attempts."""
 

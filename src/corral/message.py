@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from corral.dedup import Deduplication
 from corral.errors import PayloadError
 from corral.payload import encode_payload
 from corral.retry import Retry
@@ -45,6 +46,8 @@ class NewJob:
     backoff: Retry | None = None
     queue: str | None = None
     """Target queue; ``None`` means the backend's own queue (used for dead letters)."""
+    deduplication: Deduplication | None = None
+    """Add it only if no job stands for this id (see :mod:`corral.dedup`)."""
 
 
 class ChildPolicy(enum.StrEnum):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from corral.errors import ConfigError, MissingDependencyError
+from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.message import NewJob
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ def enqueue_in_transaction(
     service: QueueService, conn: Any, name: str, data: Any, options: dict[str, Any]
 ) -> str:
     """See :meth:`QueueService.enqueue_in_transaction`."""
-    job = service.build_job(name, data, **options)  # refused here, before anything is written
+    job = _build(service, name, data, options)  # refused here, before anything is written
     raw = unwrap(conn)
     if isinstance(raw, sqlite3.Connection):
         _check_sqlite_transaction(raw)
@@ -280,7 +280,7 @@ async def enqueue_in_transaction_async(
     service: QueueService, conn: Any, name: str, data: Any, options: dict[str, Any]
 ) -> str:
     """See :meth:`QueueService.enqueue_in_transaction_async`."""
-    job = service.build_job(name, data, **options)
+    job = _build(service, name, data, options)
     raw = await unwrap_async(conn)
     if _is_psycopg(raw) and type(raw).__name__.startswith("Async"):
         _check_psycopg_transaction(raw)
@@ -294,6 +294,16 @@ async def enqueue_in_transaction_async(
         # A synchronous connection: the write is one short statement.
         return enqueue_in_transaction(service, raw, name, data, options)
     raise _unsupported(conn)
+
+
+def _build(service: QueueService, name: str, data: Any, options: dict[str, Any]) -> NewJob:
+    if options.get("deduplication") is not None:
+        raise PayloadError(
+            "deduplication is not an option of enqueue_in_transaction (the job is written in "
+            "your transaction or by the relay, not by an enqueue that checks it); give it a "
+            "job_id to make it idempotent"
+        )
+    return service.build_job(name, data, **options)
 
 
 def _now_ms() -> int:

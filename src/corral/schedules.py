@@ -292,6 +292,7 @@ def build_schedule(
     for option, why in (
         ("job_id", "a schedule's jobs get the ids repeat:<schedule id>:<slot ms>"),
         ("delay_s", "use start_at to delay the first run"),
+        ("deduplication", "a schedule writes one job per slot already"),
     ):
         if option in options:
             raise PayloadError(f"{option} is not an option of schedule(): {why}")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
+from corral.dedup import Deduplication, check_deduplication
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.flows import FlowJob, FlowNode, plan_flow, write_flow
 from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, handler_spec
@@ -22,6 +23,7 @@ from corral.message import (
     Outcome,
     QueueMessage,
 )
+from corral.results import QueueResults
 from corral.retry import Retry
 from corral.schedules import (
     NewSchedule,
@@ -44,7 +46,7 @@ H = TypeVar("H", bound=Handler)
 REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
 
 
-class QueueService(QueueManagement):
+class QueueService(QueueManagement, QueueResults):
     """One queue: its handlers, its producer side and its worker.
 
     Example::
@@ -215,6 +217,7 @@ class QueueService(QueueManagement):
         backoff: Retry | None = None,
         job_id: str | None = None,
         queue: str | None = None,
+        deduplication: Deduplication | None = None,
     ) -> NewJob:
         """Validate a job and encode its payload; raise PayloadError before anything is written."""
         spec = self.handlers.get(name) if type(name) is str else None
@@ -222,7 +225,7 @@ class QueueService(QueueManagement):
             attempts = spec.attempts if spec and spec.attempts else self.settings.attempts
         if backoff is None:
             backoff = spec.backoff if spec and spec.backoff else self.settings.backoff
-        return new_job(
+        job = new_job(
             name,
             data,
             delay_s=delay_s,
@@ -234,6 +237,9 @@ class QueueService(QueueManagement):
             max_payload_bytes=self.settings.max_payload_bytes,
             safe_integers=self._safe_integers,
         )
+        if deduplication is not None:
+            job.deduplication = check_deduplication(deduplication)
+        return job
 
     async def enqueue(
         self,
@@ -245,12 +251,15 @@ class QueueService(QueueManagement):
         attempts: int | None = None,
         backoff: Retry | None = None,
         job_id: str | None = None,
+        deduplication: Deduplication | None = None,
     ) -> str:
         """Add a job and return its id.
 
         ``data`` must be plain JSON; it reaches the handler exactly as given. ``priority``: lower
         runs first (0, the default, before any other). If ``job_id`` names a job that already
         exists in the queue (any state, until removed), nothing is added and that id is returned.
+        ``deduplication`` adds it only if no job stands for that id (simple, throttle or debounce,
+        see :mod:`corral.dedup`); the id returned is then the standing job's.
 
         Raises:
             PayloadError: bad data or options; nothing was written.
@@ -263,6 +272,7 @@ class QueueService(QueueManagement):
             attempts=attempts,
             backoff=backoff,
             job_id=job_id,
+            deduplication=deduplication,
         )
         (job_id_out,) = await self.backend.enqueue([job])
         return job_id_out

@@ -188,6 +188,17 @@ class QueueBackend(ABC):
     async def get_job(self, job_id: str) -> JobInfo | None:
         """The job with ``job_id`` in this queue, or ``None`` if there is none."""
 
+    async def watch_job(self, job_id: str) -> JobWatch:
+        """Start watching the job ``job_id`` for changes (how :func:`corral.results.wait_for`
+        sleeps between two reads of it); the caller closes it.
+
+        A watch is opened *before* the caller reads the job: any change committed after this
+        call returns, from a later :meth:`JobWatch.wait`, whichever process made it, so a job
+        that finishes between the read and the wait is never missed. It writes nothing. The
+        default polls; backends override it with their own wake-ups.
+        """
+        return JobWatch()
+
     @abstractmethod
     async def children(self, job_id: str) -> list[Child]:
         """The children of the job ``job_id`` of this queue, with their status for it; empty for
@@ -359,6 +370,39 @@ class QueueBackend(ABC):
     async def close(self) -> None:
         """Release connections and files. Idempotent; returns promptly even if the storage is
         unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnd:
+    """How a job ended, as a backend's events told it (the job itself may be removed since)."""
+
+    completed: bool
+    result: Any = None
+    reason: str = ""
+
+
+class JobWatch:
+    """Wake-ups for changes of one job (see :meth:`QueueBackend.watch_job`).
+
+    This base class polls every ``poll_s``: correct for any backend, if slow to notice.
+    """
+
+    poll_s = 0.5
+
+    ended: JobEnd | None = None
+    """The job's end, when the backend's wake-ups carry it (BullMQ's ``completed`` and
+    ``failed`` events): what a waiter reports if the job was removed as it finished."""
+
+    tells_end = False
+    """Whether :attr:`ended` is set by this kind of watch."""
+
+    async def wait(self, timeout_s: float) -> None:
+        """Return once the job may have changed since the last return (or since the watch
+        was opened), or after ``timeout_s``. May return early: the caller reads the job again."""
+        await asyncio.sleep(max(0.0, min(timeout_s, self.poll_s)))
+
+    async def aclose(self) -> None:
+        """Release what the watch holds (a connection of its own)."""
 
 
 @dataclass(eq=False, slots=True)

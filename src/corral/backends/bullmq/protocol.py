@@ -28,6 +28,7 @@ import msgpack  # type: ignore[import-untyped]
 from bullmq.queue_keys import QueueKeys
 from bullmq.redis_connection import SCRIPT_DEFINITIONS, loadScript
 
+from corral.dedup import Deduplication
 from corral.message import ChildPolicy, JobState, NewJob
 from corral.payload import decode_lenient
 from corral.retry import Retry
@@ -272,7 +273,7 @@ class Protocol:
                 dependencies_key,
                 parent_field,
                 None,
-                None,
+                k[""] + "de:" + job.deduplication.id if job.deduplication else None,
             ]
         )
         argv = [packed_args, job.data_json, pack(dict(opts))]
@@ -315,6 +316,8 @@ class Protocol:
             opts["removeOnComplete"] = keep_completed
         if keep_failed is not None:
             opts["removeOnFail"] = keep_failed
+        if job.deduplication is not None:
+            opts["de"] = dedup_opts(job.deduplication)
         return opts
 
     # -- consuming -------------------------------------------------------------------------
@@ -696,6 +699,18 @@ class JobOptions:
 
 _job_options_cache: dict[str | None, JobOptions] = {}
 _JOB_OPTIONS_CACHE_SIZE = 256  # distinct opts texts kept; jobs of one producer mostly share one
+
+
+def dedup_opts(dedup: Deduplication) -> dict[str, Any]:
+    """``opts.de`` as Node's ``deduplication`` option encodes: only the options given."""
+    opts: dict[str, Any] = {"id": dedup.id}
+    if dedup.ttl_ms is not None:
+        opts["ttl"] = dedup.ttl_ms
+    if dedup.extend:
+        opts["extend"] = True
+    if dedup.replace:
+        opts["replace"] = True
+    return opts
 
 
 def job_options(text: str | None) -> JobOptions:

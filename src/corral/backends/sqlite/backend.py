@@ -20,8 +20,10 @@ from typing import Any
 from corral.backends.base import PullBackend, name_matches
 from corral.backends.sqlite import flows, schedules, transfer
 from corral.backends.sqlite.database import Database
+from corral.backends.sqlite.dedup import insert_deduplicated
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
+from corral.backends.sqlite.watch import SQLiteWatch
 from corral.errors import JobActiveError, ScheduleConflictError
 from corral.message import (
     Child,
@@ -98,7 +100,8 @@ class SQLiteBackend(PullBackend):
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         now = now_ms()
         rows = [self._row(job, now) for job in jobs]
-        if len(rows) == 1:
+        deduplicated = any(job.deduplication is not None for job in jobs)
+        if len(rows) == 1 and not deduplicated:
             row = rows[0]
             found = await self.db.statement(INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
             self.db.notify(row[0])
@@ -107,7 +110,7 @@ class SQLiteBackend(PullBackend):
             return [str(found[0][0])]
 
         def insert(conn: sqlite3.Connection) -> list[str]:
-            if all(row[1] is None for row in rows):
+            if not deduplicated and all(row[1] is None for row in rows):
                 # No custom ids: one executemany; under the write lock AUTOINCREMENT hands out
                 # consecutive numbers after the current high-water mark.
                 start = conn.execute(
@@ -116,7 +119,10 @@ class SQLiteBackend(PullBackend):
                 conn.executemany(INSERT, rows)
                 return [str(start + i + 1) for i in range(len(rows))]
             ids: list[str] = []
-            for row in rows:
+            for job, row in zip(jobs, rows, strict=True):
+                if job.deduplication is not None:
+                    ids.append(insert_deduplicated(conn, row, job.deduplication, now))
+                    continue
                 found = conn.execute(INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
                 inserted = found.fetchone()
                 if inserted is not None:
@@ -153,6 +159,9 @@ class SQLiteBackend(PullBackend):
         where, params = self._id_clause(job_id)
         rows = self.db.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}", params)
         return self._infos(rows)[0] if rows else None
+
+    async def watch_job(self, job_id: str) -> SQLiteWatch:
+        return SQLiteWatch(self.db)
 
     async def children(self, job_id: str) -> list[Child]:
         where, params = self._id_clause(job_id)

@@ -310,6 +310,11 @@ class Database:
     def data_version(self) -> int:
         return int(self.read("PRAGMA data_version")[0][0])
 
+    @property
+    def commits(self) -> int:
+        """How many writes this connection committed (``data_version`` counts only others')."""
+        return self._commits
+
 
 class _Watch:
     """The poll behind :meth:`Database.changed`: runs while someone waits, then stops."""

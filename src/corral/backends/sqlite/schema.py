@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -110,6 +110,25 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         # However a parent goes (removed, trimmed, purged), its view of its children goes too.
         "CREATE TRIGGER jobs_drop_dependencies AFTER DELETE ON jobs BEGIN "
         "DELETE FROM dependencies WHERE parent_seq = OLD.seq; END",
+    ),
+    # Deduplication ids (corral.dedup): the job that stands for an id, until ``expires_at``
+    # (throttle), or while that job is unfinished (simple mode: ``expires_at`` is NULL). An
+    # unfinished job removed (remove, purge, a debounce's replacement) frees its id at once;
+    # trimming finished jobs leaves a throttle's window as it is, as in BullMQ.
+    6: (
+        """
+        CREATE TABLE deduplication (
+            queue TEXT NOT NULL,
+            id TEXT NOT NULL,
+            job_seq INTEGER NOT NULL,
+            expires_at INTEGER,
+            PRIMARY KEY (queue, id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX deduplication_job ON deduplication (job_seq)",
+        "CREATE TRIGGER jobs_drop_deduplication AFTER DELETE ON jobs "
+        "WHEN OLD.state NOT IN ('completed', 'failed') BEGIN "
+        "DELETE FROM deduplication WHERE job_seq = OLD.seq; END",
     ),
 }
 
