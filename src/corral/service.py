@@ -67,6 +67,7 @@ class QueueService(QueueManagement, QueueResults):
         self._backend: QueueBackend | None = None
         self._stop = asyncio.Event()
         self._sync = SyncRunner(self._init_backend)
+        self._backoff: tuple[tuple[object, ...], Retry] | None = None
         self.stuck: str | None = None
         """Why the last worker run stopped on its own (too many abandoned handler threads)."""
 
@@ -206,6 +207,15 @@ class QueueService(QueueManagement, QueueResults):
         # A queue in Redis is shared with Node.js by design, whose numbers are doubles.
         return self.settings.backend == "bullmq" and not self.settings.allow_unsafe_integers
 
+    def _default_backoff(self) -> Retry:
+        # Built once per settings value rather than once per enqueue (a hot path).
+        settings = self.settings
+        key = (settings.backoff_type, settings.backoff_delay_s, settings.backoff_jitter)
+        cached = self._backoff
+        if cached is None or cached[0] != key:
+            cached = self._backoff = (key, settings.backoff)
+        return cached[1]
+
     def build_job(
         self,
         name: str,
@@ -224,7 +234,7 @@ class QueueService(QueueManagement, QueueResults):
         if attempts is None:
             attempts = spec.attempts if spec and spec.attempts else self.settings.attempts
         if backoff is None:
-            backoff = spec.backoff if spec and spec.backoff else self.settings.backoff
+            backoff = spec.backoff if spec and spec.backoff else self._default_backoff()
         job = new_job(
             name,
             data,

@@ -288,6 +288,8 @@ class Database:
 
     def notify(self, queue: str) -> None:
         """Wake this process's workers of ``queue`` on this file (a job was written)."""
+        if not _waiters.get((self.key, queue)):
+            return  # no worker of it in this process (a dict read is atomic: no lock needed)
         with _waiters_lock:
             waiters = list(_waiters.get((self.key, queue), ()))
         for waiter in waiters:
