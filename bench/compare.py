@@ -219,7 +219,13 @@ class NodeBullmq(System):
         return [self.node, str(NODE_SCRIPT), role, "--modules", str(NODE_DIR)]
 
 
-def peer_checks(results: dict[str, SystemResult]) -> list[Check]:
+NODE_GOAL = 1.0
+"""corral-bullmq against BullMQ on Node.js, processed and enqueued one by one, in one process."""
+NODE_GOAL_PROCESSES = 1.2
+"""The same with ``--processes 2`` or more (at c=10 and c=50)."""
+
+
+def peer_checks(results: dict[str, SystemResult], processes: int = 1) -> list[Check]:
     """The ratios between corral and its peers (targets where the team set one)."""
     checks: list[Check | None] = []
     sqlite, huey = available(results, "corral-sqlite"), available(results, "huey-sqlite")
@@ -247,18 +253,23 @@ def peer_checks(results: dict[str, SystemResult]) -> list[Check]:
             )
         )
     if mine is not None and node is not None:
+        processed = mine.processed_per_s
+        goal = NODE_GOAL
+        if processes > 1:  # several worker processes against one Node process: c=10 and c=50
+            processed = {c: v for c, v in processed.items() if c != "1"}
+            goal = NODE_GOAL_PROCESSES
         checks += [
             ratio(
                 "corral-bullmq / bullmq-node processed",
-                mine.processed_per_s,
+                processed,
                 node.processed_per_s,
-                0.5,
+                goal,
             ),
             ratio(
                 "corral-bullmq / bullmq-node enqueue one by one",
                 one_figure(mine.enqueue_one_per_s),
                 one_figure(node.enqueue_one_per_s),
-                0.9,
+                NODE_GOAL,
             ),
             ratio(
                 "corral-bullmq / bullmq-node enqueue in bulk",
@@ -276,9 +287,11 @@ def peer_checks(results: dict[str, SystemResult]) -> list[Check]:
     return [check for check in checks if check is not None]
 
 
-def all_checks(results: dict[str, SystemResult]) -> list[Check]:
-    """corral's own targets, then the ratios to its peers."""
-    return corral_checks(results) + peer_checks(results)
+def all_checks(
+    results: dict[str, SystemResult], limits: dict[str, float], processes: int = 1
+) -> list[Check]:
+    """corral's own targets and shares of the machine's limits, then the ratios to its peers."""
+    return corral_checks(results, limits, processes) + peer_checks(results, processes)
 
 
 COMPARE = Suite(

@@ -133,16 +133,39 @@ def test_quick_run_reports_every_figure_of_both_backends(tmp_path: Path) -> None
     assert report["systems"]["corral-sqlite"]["available"], report["systems"]["corral-sqlite"]
     assert set(report["machine"]["packages"]) == {"redis", "hiredis", "bullmq"}
 
-    # The checks are corral's own targets, computed from the same run; no ratios to peers.
-    names = [check["check"] for check in report["checks"]]
-    assert any(name.startswith("corral-sqlite enqueue one by one") for name in names)
+    # The machine's limits, measured in the same run.
+    limits = report["limits"]
+    assert report["limit_errors"] == []
+    expected = {"sqlite_insert_autocommit_per_s", "sqlite_insert_batched_per_s"}
     if report["systems"]["corral-bullmq"]["available"]:
-        assert any(name.startswith("corral-bullmq idle pickup") for name in names)
-    assert not any(" / " in name for name in names), names
+        expected |= {
+            "redis_round_trips_per_s",
+            "redis_pipelined_per_s",
+            "redis_lua_one_per_s",
+            "redis_lua_pipelined_per_s",
+        }
+    assert set(limits) == expected
+    assert all(value > 0 for value in limits.values()), limits
+    assert limits["sqlite_insert_batched_per_s"] > limits["sqlite_insert_autocommit_per_s"]
+
+    # The checks are corral's own targets and its shares of those limits; no ratios to peers.
+    checks = {check["check"]: check for check in report["checks"]}
+    share = checks["corral-sqlite enqueue one by one / raw SQLite inserts, one per transaction"]
+    sqlite = report["systems"]["corral-sqlite"]
+    assert share["values"][""] == pytest.approx(
+        sqlite["enqueue_one_per_s"] / limits["sqlite_insert_autocommit_per_s"], rel=0.01
+    )
+    assert share["target"] == ">= 0.3x"
+    if report["systems"]["corral-bullmq"]["available"]:
+        assert any(name.startswith("corral-bullmq idle pickup") for name in checks)
+        assert any(name.endswith("/ Redis no-op Lua calls, pipelined") for name in checks)
+    assert not any(peer in name for name in checks for peer in PEERS), list(checks)
 
     assert "corral-sqlite" in done.stdout
     assert "targets and ratios" in done.stdout
+    assert "the machine's limits" in done.stdout
     markdown = markdown_path.read_text()
+    assert "| SQLite inserts/s, one per transaction |" in markdown
     assert "| | corral-sqlite | corral-bullmq |" in markdown
     assert "| enqueue 1 by 1 /s |" in markdown
     assert "| flow parent release p50 ms |" in markdown
@@ -198,24 +221,38 @@ def test_comparison_checks_corral_against_its_peers(compare: ModuleType) -> None
         ),
         "huey-sqlite": result("huey-sqlite", enqueue_one_per_s=4_000.0),
     }
-    checks = {check.check: check for check in compare.all_checks(results)}
+    limits = {"sqlite_insert_autocommit_per_s": 40_000.0, "redis_lua_one_per_s": 10_000.0}
+    checks = {check.check: check for check in compare.all_checks(results, limits)}
 
-    # corral's own targets first, as `corral bench` computes them.
-    assert list(checks)[:3] == [
-        "corral-sqlite enqueue one by one",
+    # corral's own targets and shares of the machine's limits first, as `corral bench` has them
+    # (a share whose limit or figure is missing is left out).
+    assert list(checks)[:4] == [
+        "corral-sqlite enqueue one by one / raw SQLite inserts, one per transaction",
         "corral-sqlite idle pickup p99, across processes",
+        "corral-bullmq enqueue one by one / Redis no-op Lua calls, one at a time",
         "corral-bullmq idle pickup p99, across processes",
     ]
+    first = checks["corral-sqlite enqueue one by one / raw SQLite inserts, one per transaction"]
+    assert (first.values, first.met) == ({"": 0.5}, True)
     assert checks["corral-sqlite / huey-sqlite enqueue one by one"].values == {"": 5.0}
     assert checks["corral-sqlite / huey-sqlite enqueue one by one"].met is None
     assert "corral-sqlite / huey-sqlite processed" not in checks  # no figures on either side
     by_py = checks["corral-bullmq / bullmq-py processed"]
     assert (by_py.values, by_py.target, by_py.met) == ({"1": 3.0, "10": 2.25}, ">= 2.5x", False)
     by_node = checks["corral-bullmq / bullmq-node processed"]
-    assert (by_node.values, by_node.met) == ({"1": 1.0, "10": 0.75}, True)
+    assert (by_node.values, by_node.target, by_node.met) == (
+        {"1": 1.0, "10": 0.75},
+        ">= 1x",
+        False,
+    )
     assert checks["corral-bullmq / bullmq-node enqueue one by one"].measured == "1.00x"
     assert checks["corral-bullmq / bullmq-node enqueue in bulk"].values == {"": 1.5}
     assert checks["bullmq-py / bullmq-node processed"].target == "reference"
+
+    # With several worker processes, c=10 and c=50 against one Node process, a higher target.
+    two = {check.check: check for check in compare.all_checks(results, limits, 2)}
+    by_node = two["corral-bullmq / bullmq-node processed"]
+    assert (by_node.values, by_node.target) == ({"10": 0.75}, ">= 1.2x")
 
     # Without the peers, only corral's targets remain.
     assert compare.peer_checks({"corral-bullmq": results["corral-bullmq"]}) == []
