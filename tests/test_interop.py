@@ -182,6 +182,10 @@ async def test_node_producer_to_corral_worker(
     )
     assert len(jittery_view["stacktrace"]) == 2 and "RuntimeError" in jittery_view["stacktrace"][-1]
     assert view["counts"]["completed"] == 5 and view["counts"]["failed"] == 1
+    # corral's worker counted its jobs in BullMQ's metrics, as a Node worker with the metrics
+    # option does: retries are not counted, finished jobs are.
+    metrics = view["metrics"]
+    assert (metrics["completed"]["meta"]["count"], metrics["failed"]["meta"]["count"]) == (5, 1)
 
 
 async def test_corral_producer_to_node_worker(
@@ -206,6 +210,7 @@ async def test_corral_producer_to_node_worker(
                 expect=6,
                 timeoutMs=15000,
                 behaviours={"flaky": {"failUntilAttempt": 3}, "boom": {"fail": "boom from node"}},
+                maxDataPoints=60,
             ),
         )
         assert not out["timedOut"], out
@@ -256,6 +261,9 @@ async def test_corral_producer_to_node_worker(
         assert boom_job.traceback is not None and "Error: boom from node" in boom_job.traceback
         counts = await service.counts()
         assert (counts[JobState.COMPLETED], counts[JobState.FAILED]) == (5, 1)
+        # The Node worker's metrics (its metrics option), read as corral's throughput.
+        throughput = await service.throughput(minutes=5)
+        assert (sum(throughput.completed), sum(throughput.failed)) == (5, 1)
 
 
 async def test_node_view_of_a_running_corral_worker(

@@ -101,7 +101,8 @@ def test_every_builder_is_covered() -> None:
     builders = {
         name
         for name, member in inspect.getmembers(Protocol, inspect.isfunction)
-        if not name.startswith("_") and name not in ("job_opts", "child_opts", "dependency_keys")
+        if not name.startswith("_")
+        and name not in ("job_opts", "child_opts", "dependency_keys", "metrics_keys")
     }
     covered = {
         "add_job", "move_to_active", "move_to_finished", "move_to_delayed", "retry_job",
@@ -162,8 +163,19 @@ def test_finishing_matches_the_package(package_scripts: Scripts) -> None:
     assert ours.args[6] == args[6]
     theirs = msgpack.unpackb(args[7])
     mine = msgpack.unpackb(ours.args[7])
-    for name in ("token", "keepJobs", "limiter", "lockDuration", "attempts"):
+    for name in ("token", "keepJobs", "limiter", "lockDuration", "attempts", "maxMetricsSize"):
         assert mine[name] == theirs[name], name
+
+    # A worker that records metrics (Node's and the package's option metrics: {maxDataPoints}).
+    job.queue.opts["metrics"] = {"maxDataPoints": 20_160}
+    keys, args = package_scripts.moveToFinishedArgs(job, "x", "failedReason", 5, "failed", "tok")
+    ours = protocol.move_to_finished(
+        QUEUE, "7", "tok", target="failed", value="x", now=args[1], job_opts={"attempts": 3},
+        keep={"count": 5}, limiter=None, lock_ms=30_000, fetch_next=True, metrics_points=20_160,
+    )  # fmt: skip
+    assert ours.keys == keys and ours.keys[12] == protocol.metrics_keys(QUEUE, "failed")[0]
+    assert msgpack.unpackb(ours.args[7])["maxMetricsSize"] == 20_160
+    assert msgpack.unpackb(args[7])["maxMetricsSize"] == 20_160
 
 
 async def test_schedulers_match_the_package(package_scripts: Scripts) -> None:

@@ -10,6 +10,7 @@ from corral.backends.base import QueueBackend
 from corral.errors import ConfigError
 from corral.flows import FlowNode, read_flow
 from corral.message import Child, JobInfo, JobRef, JobSearch, JobState
+from corral.metrics import Throughput
 from corral.settings import QueueSettings
 
 
@@ -46,6 +47,13 @@ class QueueManagement:
     async def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state."""
         return await self.backend.counts()
+
+    async def throughput(self, *, minutes: int = 60) -> Throughput:
+        """Jobs completed and failed per minute over the last ``minutes``, the current minute
+        last (see :meth:`QueueBackend.throughput`)."""
+        if isinstance(minutes, bool) or not isinstance(minutes, int) or not 1 <= minutes <= 10_080:
+            raise ConfigError(f"minutes must be a whole number 1-10080 (a week), got {minutes!r}")
+        return await self.backend.throughput(minutes=minutes)
 
     async def retry_failed(self, *, limit: int | None = None) -> int:
         """Replay failed jobs (fresh attempts); return how many were moved back to waiting."""

@@ -31,6 +31,7 @@ _HIDDEN_FIELDS = frozenset({"dashboard_password", "dashboard_secret"})
 """Secrets that are not URLs: shown as ``***`` whole."""
 _PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
 MAX_KEPT_JOBS = 1_000_000_000  # the counts must fit SQLite's integers and Lua's exact numbers
+MAX_METRICS_MINUTES = 527_040  # a (leap) year of per-minute points
 
 
 def redact_url(url: str) -> str:
@@ -146,6 +147,7 @@ class QueueSettings(BaseSettings):
     allow_unsafe_integers: bool = False
     isolate_sync: bool = False
     max_flow_jobs: int = Field(default=10_000, ge=1, le=1_000_000)
+    metrics_minutes: int = Field(default=20_160, ge=0, le=MAX_METRICS_MINUTES)
     names: Annotated[list[str], NoDecode] = Field(default_factory=list)
     outbox_url: str | None = None
     outbox_table: str = "corral_outbox"

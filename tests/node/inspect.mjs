@@ -1,5 +1,6 @@
 // Node BullMQ's view of a queue: {url, queue, prefix?, jobIds: [...]}.
-// Prints {counts, workers: [{name, rawname}], version, paused, jobs: {<id>: description + logs}}.
+// Prints {counts, workers: [{name, rawname}], version, paused, jobs: {<id>: description + logs},
+// metrics: {completed, failed: Queue.getMetrics()}}.
 import { Queue } from 'bullmq';
 import { connect, describe, input, output, queueOpts } from './common.mjs';
 
@@ -23,6 +24,10 @@ try {
     version: await queue.getVersion(),
     paused: await queue.isPaused(),
     jobs,
+    metrics: {
+      completed: await queue.getMetrics('completed'),
+      failed: await queue.getMetrics('failed'),
+    },
   });
 } finally {
   await queue.close();

@@ -1,7 +1,8 @@
 // Run a Node BullMQ Worker until `expect` jobs have finished for good (completed, or failed
 // with no attempt left), then print what it saw.
 //
-// Input: {url, queue, prefix?, expect, timeoutMs?, concurrency?, behaviours: {<job name>:
+// Input: {url, queue, prefix?, expect, timeoutMs?, concurrency?, maxDataPoints? (the worker's
+//   metrics option), behaviours: {<job name>:
 //   {failUntilAttempt?: n, fail?: "message", progress?: value, log?: "line"}}}
 // Jobs whose name has no behaviour return {echo: data}. Output: {runs: [{id, name, data, opts,
 // attempt, priority, startedAt}], finished: [job descriptions], timedOut}.
@@ -43,7 +44,11 @@ const worker = new Worker(
     }
     return { echo: job.data, attempt };
   },
-  { ...queueOpts(args, connection), concurrency: args.concurrency ?? 1 },
+  {
+    ...queueOpts(args, connection),
+    concurrency: args.concurrency ?? 1,
+    ...(args.maxDataPoints ? { metrics: { maxDataPoints: args.maxDataPoints } } : {}),
+  },
 );
 
 async function settled(job) {

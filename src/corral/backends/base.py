@@ -34,6 +34,7 @@ from corral.message import (
     Outcome,
     QueueMessage,
 )
+from corral.metrics import Throughput
 from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
 
@@ -214,6 +215,16 @@ class QueueBackend(ABC):
     @abstractmethod
     async def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state is a key, zero included)."""
+
+    @abstractmethod
+    async def throughput(self, *, minutes: int = 60) -> Throughput:
+        """Jobs of this queue that workers completed and failed in each of the last ``minutes``
+        minutes, the current one last (zeros where nothing was recorded).
+
+        Workers count a job when they settle it for good (completed, or failed with no attempt
+        left; a stalled job failed by housekeeping is not counted, as in BullMQ), unless their
+        ``metrics_minutes`` is 0; the points older than ``metrics_minutes`` are dropped.
+        """
 
     @abstractmethod
     async def retry_failed(self, *, limit: int | None = None) -> int:

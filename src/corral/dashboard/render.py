@@ -22,8 +22,8 @@ from starlette.responses import HTMLResponse, Response
 
 from corral import __version__
 from corral.dashboard.security import Csrf, cookie_path
-from corral.dashboard.storage import Throughput
 from corral.message import JobState
+from corral.metrics import Throughput
 
 HERE = Path(__file__).resolve().parent
 NOTICE_COOKIE = "corral_notice"

@@ -14,11 +14,11 @@ import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, TypeVar
 
 from corral.backends.base import QueueBackend
 from corral.message import JobInfo, JobState
+from corral.metrics import Throughput
 from corral.schedules import SLOT_JOB_PREFIX, ScheduleInfo, slot_job_id, slot_of
 from corral.service import QueueService
 from corral.settings import QueueSettings
@@ -41,16 +41,6 @@ STATE_ORDER = (
 def states() -> list[JobState]:
     """Every state, in :data:`STATE_ORDER` and then any other the enum has."""
     return [*STATE_ORDER, *(state for state in JobState if state not in STATE_ORDER)]
-
-
-@dataclass(frozen=True, slots=True)
-class Throughput:
-    """Jobs finished per minute, oldest minute first; the last point is the minute ending at
-    ``end``."""
-
-    completed: list[int]
-    failed: list[int]
-    end: datetime
 
 
 @dataclass(slots=True)
@@ -222,9 +212,12 @@ class Storage:
         return None
 
     async def throughput(self, queue: str) -> Throughput | None:
-        """Completed and failed jobs per minute over the last hour; ``None`` while the backends
-        record no per-minute metrics (the chart is then left out)."""
-        return None
+        """Completed and failed jobs per minute over the last hour, as workers record them;
+        ``None`` when these settings turn metrics off (``metrics_minutes`` 0: the chart is
+        then left out)."""
+        if not self.settings.metrics_minutes:
+            return None
+        return await self.backend(queue).throughput(minutes=min(60, self.settings.metrics_minutes))
 
     async def related(self, job: JobInfo) -> Related:
         """The job's parent and children in a flow, and the schedule that made it."""

@@ -50,6 +50,7 @@ from corral.message import (
     JobState,
     NewJob,
 )
+from corral.metrics import Throughput, series_from_bullmq, window_end
 from corral.payload import decode_lenient
 from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
@@ -261,6 +262,25 @@ class BullMQBackend(PullBackend):
             JobState.COMPLETED: values["completed"],
             JobState.FAILED: values["failed"],
         }
+
+    async def throughput(self, *, minutes: int = 60) -> Throughput:
+        series: list[list[int]] = []
+        now = now_ms()
+        with self.store.errors("reading the queue's metrics"):
+            client = self.store.client()  # a read writes nothing
+            async with client.pipeline(transaction=False) as pipe:
+                for target in ("completed", "failed"):
+                    meta_key, data_key = self.protocol.metrics_keys(self.queue_name, target)
+                    pipe.hmget(meta_key, "count", "prevTS", "prevCount")
+                    pipe.lrange(data_key, 0, max(0, minutes - 2))
+                replies = await pipe.execute()
+        for meta, data in (replies[0:2], replies[2:4]):
+            count, prev_ts, prev_count = (None if v is None else as_int(v) for v in meta)
+            points = [as_int(point) for point in data]
+            series.append(
+                series_from_bullmq(count, prev_ts, prev_count, points, minutes=minutes, now_ms=now)
+            )
+        return Throughput(completed=series[0], failed=series[1], end=window_end(now))
 
     async def retry_failed(self, *, limit: int | None = None) -> int:
         moved = 0

@@ -347,9 +347,12 @@ class Protocol:
         lock_ms: int,
         fetch_next: bool,
         fields: Mapping[str, str] | None = None,
+        metrics_points: int = 0,
     ) -> ScriptCall:
         """moveToFinished with the arguments Node's worker passes; ``target`` is ``completed``
-        or ``failed``, ``value`` the return value's JSON or the failure reason."""
+        or ``failed``, ``value`` the return value's JSON or the failure reason.
+        ``metrics_points`` > 0 counts the job in the ``metrics:<target>`` keys, keeping that
+        many minute points (Node's worker option ``metrics: {maxDataPoints}``)."""
         k = self.keys.of(queue)
         names = _names("wait active prioritized events stalled limiter delayed paused meta pc")
         keys = [k[n] for n in names]
@@ -361,7 +364,7 @@ class Protocol:
                 "limiter": limiter,
                 "lockDuration": lock_ms,
                 "attempts": _int(job_opts.get("attempts")),
-                "maxMetricsSize": "",
+                "maxMetricsSize": metrics_points or "",
                 "fpof": bool(job_opts.get("fpof")),
                 "cpof": bool(job_opts.get("cpof")),
                 "idof": bool(job_opts.get("idof")),
@@ -382,6 +385,12 @@ class Protocol:
         if fields:
             args.append(flat_fields(fields))
         return ScriptCall("moveToFinished", keys, args)
+
+    def metrics_keys(self, queue: str, target: str) -> tuple[str, str]:
+        """The hash (``count``, ``prevTS``, ``prevCount``) and the list of minute points
+        (newest first) of ``target`` (``completed`` or ``failed``), as Queue.getMetrics reads."""
+        key = self.keys.of(queue)[""] + "metrics:" + target
+        return key, key + ":data"
 
     def move_to_delayed(
         self,

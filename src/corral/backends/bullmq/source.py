@@ -401,6 +401,7 @@ class BullMQSource(PullSource[Delivery]):
             lock_ms=self.lock_ms,
             fetch_next=fetch_next and not self.stop.is_set() and self._limit_until_ms <= now,
             fields=fields,
+            metrics_points=self.settings.metrics_minutes,
         )
 
     def _fetched(self, token: str, reply: Any, into: list[Claim[Delivery]]) -> Any:

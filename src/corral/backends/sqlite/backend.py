@@ -21,6 +21,7 @@ from corral.backends.base import PullBackend, name_matches
 from corral.backends.sqlite import flows, schedules, transfer
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.dedup import insert_deduplicated
+from corral.backends.sqlite.metrics import READ_SQL as METRICS_SQL
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
 from corral.backends.sqlite.watch import SQLiteWatch
@@ -37,6 +38,7 @@ from corral.message import (
     JobState,
     NewJob,
 )
+from corral.metrics import Throughput, minute_of, series_from_rows, window_end
 from corral.payload import decode_lenient
 from corral.retry import Retry
 from corral.schedules import NewSchedule, ScheduleInfo
@@ -192,6 +194,17 @@ class SQLiteBackend(PullBackend):
             with contextlib.suppress(ValueError):
                 result[JobState(state)] = count
         return result
+
+    async def throughput(self, *, minutes: int = 60) -> Throughput:
+        now = now_ms()
+        rows = self.db.read(METRICS_SQL, (self.queue_name, minute_of(now) - minutes))
+        completed = {minute: done for minute, done, _ in rows}
+        failed = {minute: lost for minute, _, lost in rows}
+        return Throughput(
+            completed=series_from_rows(completed, minutes=minutes, now_ms=now),
+            failed=series_from_rows(failed, minutes=minutes, now_ms=now),
+            end=window_end(now),
+        )
 
     async def retry_failed(self, *, limit: int | None = None) -> int:
         now = now_ms()

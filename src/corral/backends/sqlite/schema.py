@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -129,6 +129,19 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         "CREATE TRIGGER jobs_drop_deduplication AFTER DELETE ON jobs "
         "WHEN OLD.state NOT IN ('completed', 'failed') BEGIN "
         "DELETE FROM deduplication WHERE job_seq = OLD.seq; END",
+    ),
+    # Per-minute throughput (corral.metrics): jobs completed and failed per queue and minute
+    # (minutes since the epoch), as BullMQ's metrics keys hold it.
+    7: (
+        """
+        CREATE TABLE metrics (
+            queue TEXT NOT NULL,
+            minute INTEGER NOT NULL,
+            completed INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (queue, minute)
+        ) WITHOUT ROWID
+        """,
     ),
 }
 

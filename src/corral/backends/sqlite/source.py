@@ -23,6 +23,7 @@ from typing import Any
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
 from corral.backends.sqlite import flows, schedules
 from corral.backends.sqlite.database import Database
+from corral.backends.sqlite.metrics import MinuteCounter
 from corral.backends.sqlite.schema import INSERT, trim_finished
 from corral.errors import ChildrenPendingError, LeaseLostError
 from corral.message import (
@@ -102,6 +103,7 @@ class SQLiteSource(PullSource[int]):
         # Completions since this worker last trimmed; starting full, its first settle trims.
         self._trim_slack = trim_slack(keep) if keep else 0
         self._untrimmed = self._trim_slack
+        self._metrics = MinuteCounter(queue, settings.metrics_minutes)
         db.register(queue, self)
 
     async def aclose(self) -> None:
@@ -278,6 +280,12 @@ class SQLiteSource(PullSource[int]):
             if trim:
                 # keep_completed holds while jobs flow, not only at housekeeping.
                 trim_finished(conn, self.queue, "completed", self.settings.keep_completed or 0)
+            completed = failed = 0
+            for (_, outcome, _, _), ok in zip(batch, kept, strict=True):
+                if ok is True:
+                    completed += isinstance(outcome, Completed)
+                    failed += isinstance(outcome, Failed)
+            self._metrics.count(conn, now, completed, failed)
             if fetch:
                 fetched_rows.extend(self._take(conn, now, token, fetch))
             return kept
