@@ -25,6 +25,7 @@ from corral import __version__
 from corral._cli_results import register as register_result_commands
 from corral._cli_schedules import register as register_schedule_commands
 from corral._cli_tx import move, outbox_app, relay
+from corral._cli_workers import register as register_worker_commands
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
 from corral._cliviews import (
@@ -418,6 +419,7 @@ def purge(
 
 register_schedule_commands(app, run, out)
 register_result_commands(app, run)
+register_worker_commands(app, run, out)
 
 
 # -- workers ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from corral.flows import FlowNode, read_flow
 from corral.message import Child, JobInfo, JobRef, JobSearch, JobState
 from corral.metrics import Throughput
 from corral.settings import QueueSettings
+from corral.workers import WorkerInfo
 
 
 class QueueManagement:
@@ -54,6 +55,10 @@ class QueueManagement:
         if isinstance(minutes, bool) or not isinstance(minutes, int) or not 1 <= minutes <= 10_080:
             raise ConfigError(f"minutes must be a whole number 1-10080 (a week), got {minutes!r}")
         return await self.backend.throughput(minutes=minutes)
+
+    async def workers(self, *, every_queue: bool = False) -> list[WorkerInfo]:
+        """The live workers of the queue (``every_queue``: of every queue on the storage)."""
+        return await self.backend.workers(every_queue=every_queue)
 
     async def retry_failed(self, *, limit: int | None = None) -> int:
         """Replay failed jobs (fresh attempts); return how many were moved back to waiting."""

@@ -20,6 +20,7 @@ from corral.errors import (
     LeaseLostError,
 )
 from corral.message import Dispatch, Failed, Outcome, Released, failed_attempt
+from corral.workers import WorkerStats
 
 if TYPE_CHECKING:
     from corral.backends.base import Claim, PullSource
@@ -69,6 +70,8 @@ async def consume(
     settled = asyncio.Event()
     idle_at: dict[_Queue, int] = {}  # the generation at which a queue last found nothing
     drained = asyncio.Event()
+    beat_s = max(0.05, min(queue.source.lease_s for queue in queues) / 3)
+    stats = WorkerStats([queue.source.queue for queue in queues], beat_s)
 
     def hold(queue: _Queue, claims: Sequence[Claim[Any]]) -> None:
         for claim in claims:
@@ -109,6 +112,7 @@ async def consume(
                 logger.warning("job %s: %s", claim.job_id, exc)
                 more = await queue.source.settle(claim, retry, fetch_next=fetch_next)
             hold(queue, more)  # before the slot is freed, so nothing claims it twice
+            stats.done += not isinstance(outcome, Released)
         except LeaseLostError as exc:
             logger.warning("job %s: %s", claim.job_id, exc)
         except BackendConnectionError as exc:
@@ -217,9 +221,10 @@ async def consume(
             stop_wait.cancel()
 
     async def heartbeat() -> None:
-        interval = max(0.05, min(queue.source.lease_s for queue in queues) / 3)
         while True:
-            await asyncio.sleep(interval)
+            stats.running = len(running)
+            await errors.guard(queues[0].source.beat(stats), "recording the worker's heartbeat")
+            await asyncio.sleep(beat_s)
             for queue in queues:
                 if queue.held:
                     # Claims being settled are renewed too: their write may wait a while.
@@ -274,6 +279,8 @@ async def consume(
                 free(claim)
         beat.cancel()
         await asyncio.gather(*slots, fetcher, beat, return_exceptions=True)
+        with contextlib.suppress(Exception):  # else its heartbeat goes stale
+            await asyncio.wait_for(queues[0].source.beat(stats, leaving=True), 2.0)
 
 
 async def _first(*aws: Any) -> None:

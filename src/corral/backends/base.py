@@ -37,6 +37,7 @@ from corral.message import (
 from corral.metrics import Throughput
 from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
+from corral.workers import WorkerInfo, WorkerStats
 
 H = TypeVar("H")
 """The backend-private handle a claim carries from claim to settle (a row id, a raw job)."""
@@ -224,6 +225,15 @@ class QueueBackend(ABC):
         Workers count a job when they settle it for good (completed, or failed with no attempt
         left; a stalled job failed by housekeeping is not counted, as in BullMQ), unless their
         ``metrics_minutes`` is 0; the points older than ``metrics_minutes`` are dropped.
+        """
+
+    @abstractmethod
+    async def workers(self, *, every_queue: bool = False) -> list[WorkerInfo]:
+        """The live workers of this queue (``every_queue``: of every queue on the storage).
+
+        SQLite lists the heartbeat rows of worker loops not stale; BullMQ the named worker
+        connections of ``CLIENT LIST``, as Node's ``Queue.getWorkers()`` (see
+        :mod:`corral.workers`). A read: it writes nothing.
         """
 
     @abstractmethod
@@ -473,6 +483,11 @@ class PullSource(ABC, Generic[H]):
 
     async def maintain(self) -> None:
         """Periodic housekeeping (stalled jobs, promotions); called about every ``lease_s / 3``."""
+
+    async def beat(self, stats: WorkerStats, *, leaving: bool = False) -> None:
+        """Record that the worker loop ``stats`` describes is alive (``leaving``: that it
+        stops). Called on one source of the loop when it starts, every ``stats.beat_s``, and
+        when it stops; a backend whose connections show its workers records nothing."""
 
     def wake(self) -> None:
         """Interrupt a pending :meth:`wait_for_work` (a job was enqueued in this process)."""

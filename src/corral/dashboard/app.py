@@ -49,7 +49,11 @@ def build_app(
     csrf = Csrf(key.encode("utf-8") if key else secrets.token_bytes(32))
     # A page per concern; a capability that a later version adds (workers, schedules) is one
     # more entry here and a handler in pages.py.
-    nav = [NavItem("/", "Queues"), NavItem("/schedules", "Schedules")]
+    nav = [
+        NavItem("/", "Queues"),
+        NavItem("/schedules", "Schedules"),
+        NavItem("/workers", "Workers"),
+    ]
     renderer = Renderer(
         csrf=csrf,
         title=title,
@@ -79,6 +83,7 @@ def build_app(
         routes=[
             Route("/", pages.overview, name="overview"),
             Route("/schedules", pages.schedules, name="schedules"),
+            Route("/workers", pages.workers, name="workers"),
             Route("/queues/{queue}", pages.queue, name="queue"),
             Route("/queues/{queue}/jobs/{job_id:path}", pages.job, name="job"),
             Route(

@@ -123,6 +123,14 @@ class Pages:
         rows.sort(key=lambda row: (row.schedule.next_run_at or far, row.queue, row.schedule.id))
         return self.renderer.page(request, "schedules.html", {"rows": rows, "only": only})
 
+    async def workers(self, request: Request) -> Response:
+        """The live workers of every queue (or of one, ``?queue=``)."""
+        only = request.query_params.get("queue")
+        found = await self.storage.all_workers()
+        if only:
+            found = [worker for worker in found if only in worker.queues]
+        return self.renderer.page(request, "workers.html", {"workers": found, "only": only})
+
     async def job(self, request: Request) -> Response:
         queue = request.path_params["queue"]
         job_id = request.path_params["job_id"]

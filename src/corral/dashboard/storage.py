@@ -22,6 +22,7 @@ from corral.metrics import Throughput
 from corral.schedules import SLOT_JOB_PREFIX, ScheduleInfo, slot_job_id, slot_of
 from corral.service import QueueService
 from corral.settings import QueueSettings
+from corral.workers import WorkerInfo
 
 logger = logging.getLogger("corral.dashboard")
 T = TypeVar("T")
@@ -108,6 +109,7 @@ class Storage:
         self._queues: list[str] | None = None
         self._queues_at = 0.0
         self._refresh: asyncio.Task[list[str]] | None = None
+        self._workers: tuple[list[WorkerInfo], float] | None = None
 
     @property
     def where(self) -> str:
@@ -207,9 +209,18 @@ class Storage:
     # -- capabilities of later versions -----------------------------------------------------
 
     async def workers(self, queue: str) -> int | None:
-        """Live workers of ``queue``; ``None`` while the backends record no worker
-        heartbeats (the overview then leaves the column out)."""
-        return None
+        """Live workers of ``queue`` (see :meth:`all_workers`)."""
+        return sum(1 for worker in await self.all_workers() if queue in worker.queues)
+
+    async def all_workers(self) -> list[WorkerInfo]:
+        """The live workers of every queue, read at most every ``counts_ttl_s`` (on Redis a
+        ``CLIENT LIST``, which every queue's count shares)."""
+        cached = self._workers
+        if cached is not None and time.monotonic() - cached[1] <= self.counts_ttl_s:
+            return cached[0]
+        found = await self.service.backend.workers(every_queue=True)
+        self._workers = (found, time.monotonic())
+        return found
 
     async def throughput(self, queue: str) -> Throughput | None:
         """Completed and failed jobs per minute over the last hour, as workers record them;

@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from corral.backends.base import PullBackend, name_matches
 from corral.backends.bullmq import transfer
 from corral.backends.bullmq.connection import Client, RedisStore
@@ -54,6 +56,7 @@ from corral.metrics import Throughput, series_from_bullmq, window_end
 from corral.payload import decode_lenient
 from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
+from corral.workers import WorkerInfo, workers_from_clients
 
 
 class BullMQBackend(PullBackend):
@@ -281,6 +284,18 @@ class BullMQBackend(PullBackend):
                 series_from_bullmq(count, prev_ts, prev_count, points, minutes=minutes, now_ms=now)
             )
         return Throughput(completed=series[0], failed=series[1], end=window_end(now))
+
+    async def workers(self, *, every_queue: bool = False) -> list[WorkerInfo]:
+        with self.store.errors("listing workers"):
+            client = self.store.client()
+            if isinstance(client, RedisCluster):
+                # A worker's named connection is on the node serving its queue's slot.
+                replies = await client.client_list(target_nodes=RedisCluster.ALL_NODES)
+                clients = [c for reply in _node_replies(replies) for c in reply]
+            else:
+                clients = await client.client_list()
+        found = workers_from_clients(self.settings.prefix, clients)
+        return found if every_queue else [w for w in found if self.queue_name in w.queues]
 
     async def retry_failed(self, *, limit: int | None = None) -> int:
         moved = 0
@@ -544,3 +559,10 @@ def _strs(values: Any) -> list[str]:
 
 
 __all__ = ["ADD_SCRIPTS", "BullMQBackend"]
+
+
+def _node_replies(replies: Any) -> list[Any]:
+    """A cluster command's replies, one per node (a dict by node, or one merged list)."""
+    if isinstance(replies, dict):
+        return list(replies.values())
+    return [replies] if isinstance(replies, list) else []

@@ -19,6 +19,7 @@ from typing import Any
 
 from corral.backends.base import PullBackend, name_matches
 from corral.backends.sqlite import flows, schedules, transfer
+from corral.backends.sqlite import workers as worker_rows
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.dedup import insert_deduplicated
 from corral.backends.sqlite.metrics import READ_SQL as METRICS_SQL
@@ -43,6 +44,7 @@ from corral.payload import decode_lenient
 from corral.retry import Retry
 from corral.schedules import NewSchedule, ScheduleInfo
 from corral.settings import QueueSettings
+from corral.workers import WorkerInfo
 
 # One query per state, each answered from that state's partial index.
 _COUNTS_SQL = " UNION ALL ".join(
@@ -205,6 +207,10 @@ class SQLiteBackend(PullBackend):
             failed=series_from_rows(failed, minutes=minutes, now_ms=now),
             end=window_end(now),
         )
+
+    async def workers(self, *, every_queue: bool = False) -> list[WorkerInfo]:
+        rows = self.db.read(worker_rows.LIVE_SQL, (now_ms(),))
+        return worker_rows.read(rows, None if every_queue else self.queue_name)
 
     async def retry_failed(self, *, limit: int | None = None) -> int:
         now = now_ms()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -141,6 +141,23 @@ MIGRATIONS: dict[int, Sequence[str]] = {
             failed INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (queue, minute)
         ) WITHOUT ROWID
+        """,
+    ),
+    # Live workers (corral.workers): a row per worker loop, renewed by its lease heartbeat;
+    # ``queues`` is a JSON list, a row past ``expires_at`` is stale.
+    8: (
+        """
+        CREATE TABLE workers (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            queues TEXT NOT NULL,
+            started_at INTEGER NOT NULL,
+            last_seen INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            running INTEGER NOT NULL DEFAULT 0,
+            done INTEGER NOT NULL DEFAULT 0
+        )
         """,
     ),
 }

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
-from corral.backends.sqlite import flows, schedules
+from corral.backends.sqlite import flows, schedules, workers
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.metrics import MinuteCounter
 from corral.backends.sqlite.schema import INSERT, trim_finished
@@ -38,6 +38,7 @@ from corral.message import (
 from corral.payload import decode_json
 from corral.retry import Retry
 from corral.settings import QueueSettings
+from corral.workers import WorkerStats
 
 logger = logging.getLogger("corral.sqlite")
 
@@ -555,6 +556,10 @@ class SQLiteSource(PullSource[int]):
                 failed,
             )
             self.wake()
+
+    async def beat(self, stats: WorkerStats, *, leaving: bool = False) -> None:
+        now = now_ms()
+        await self.db.write(lambda conn: workers.beat(conn, stats, now, leaving=leaving))
 
     # Waiting ----------------------------------------------------------------------------
 
