@@ -133,3 +133,18 @@ def test_a_plain_install_ships_the_dashboard_files_and_names_its_extra(
         "error: the dashboard needs its extra (starlette is not installed); install it with: "
         "pip install 'corral[dashboard]'"
     )
+
+
+def test_worker_metrics_without_the_extra_name_the_install_command(
+    plain_install: Path, tmp_path: Path
+) -> None:
+    corral = plain_install.parent / "corral"
+    refused = subprocess.run(
+        [str(corral), "--sqlite-path", str(tmp_path / "q.db"), "worker", "--metrics-port", "9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "pip install 'corral[metrics]'" in refused.stderr
+    assert "Traceback" not in refused.stderr

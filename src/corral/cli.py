@@ -472,6 +472,13 @@ def worker(
             "--log-format", help=f"One of {', '.join(LOG_FORMATS)} [env: QUEUE_LOG_FORMAT]"
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=1, max=65535, help="Serve Prometheus /metrics here"),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address of --metrics-port")
+    ] = "127.0.0.1",
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (a second signal exits at once)."""
     state = _state(ctx)
@@ -485,6 +492,8 @@ def worker(
             burst=burst,
             processes=processes,
             log_level=log_level or state.log_level,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
             overrides=state.overrides,
         )
     )

@@ -18,6 +18,7 @@ from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, ha
 from corral.jobs import check_attempts, check_name, new_job
 from corral.manage import QueueManagement
 from corral.message import (
+    Dispatch,
     JobState,
     NewJob,
     Outcome,
@@ -70,6 +71,8 @@ class QueueService(QueueManagement, QueueResults):
         self._backoff: tuple[tuple[object, ...], Retry] | None = None
         self.stuck: str | None = None
         """Why the last worker run stopped on its own (too many abandoned handler threads)."""
+        self.instruments: list[Callable[[Dispatch], Dispatch]] = []
+        """Wrappers of a worker's job runs, innermost first (Prometheus metrics, tracing)."""
 
     def __repr__(self) -> str:
         s = self.settings
@@ -512,9 +515,12 @@ class QueueService(QueueManagement, QueueResults):
         if not burst and self.periodics:
             writes = periodic_writes(self.backend, self.periodics, self.settings.name, served)
             declared = asyncio.create_task(write_declared(writes, self._build_periodic, self._stop))
+        instrumented: Dispatch = run
+        for instrument in self.instruments:
+            instrumented = instrument(instrumented)
         try:
             await self.backend.start_consuming(
-                run,
+                instrumented,
                 concurrency=workers,
                 stop=self._stop,
                 burst=burst,

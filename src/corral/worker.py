@@ -19,12 +19,15 @@ import atexit
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -32,6 +35,8 @@ from corral.errors import ConfigError, CorralError, TaskModuleError
 from corral.handlers import running_sync_handlers
 from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from corral.message import JobState
+from corral.prometheus import METRICS_DIR_ENV, WorkerMetrics, read_snapshots, serve_http
+from corral.prometheus import require as require_metrics
 from corral.service import QueueService
 from corral.settings import QueueSettings
 from corral.supervisor import (
@@ -73,12 +78,15 @@ async def run_worker(
     total_concurrency: int | None = None,
     burst: bool = False,
     parent_pid: int | None = None,
+    metrics: WorkerMetrics | None = None,
 ) -> int:
     """Run the plan's worker with the signal handling of the entry points; return the exit
     code: 0 after a graceful stop or a drained burst, 1 after the worker stopped on its own
     (stuck handler threads), ``128 + signal`` after a second signal."""
     loop = asyncio.get_running_loop()
     service = plan.service
+    if metrics is not None:
+        metrics.start(service, [queue.name for queue in plan.queues])
     worker = asyncio.create_task(
         service.start_worker(burst=burst, queues=plan.queues, total_concurrency=total_concurrency),
         name="corral-worker",
@@ -134,6 +142,8 @@ async def run_worker(
                 relay.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(relay, 10.0)
+        if metrics is not None:
+            await metrics.stop()
         try:
             await asyncio.wait_for(service.close(), 10.0)
         except Exception:  # closing is best effort; the jobs' leases cover the rest
@@ -245,6 +255,9 @@ class WorkerOptions:
     processes: int = 1
     log_level: str | None = None
     log_format: str | None = None
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (one endpoint for all ``processes``)."""
+    metrics_host: str = "127.0.0.1"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     """QueueSettings keyword arguments that win over the environment (the CLI's options)."""
     parent_pid: int | None = None
@@ -267,6 +280,10 @@ def serve(options: WorkerOptions) -> int:
         ):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
+        if options.metrics_port is not None:
+            if not 1 <= options.metrics_port <= 65535:
+                raise ConfigError(f"--metrics-port must be 1-65535, got {options.metrics_port}")
+            require_metrics()
         settings = QueueSettings(**options.overrides)
         modules = options.modules or tuple(settings.tasks)
         plan = build_worker(
@@ -288,12 +305,37 @@ def serve(options: WorkerOptions) -> int:
             where,
             ", ".join(modules),
         )
-        return Supervisor(
-            child_command(options, modules),
-            processes=options.processes,
-            env=child_env(options.overrides),
-            burst=options.burst,
-        ).run()
+        env = child_env(options.overrides)
+        server, directory = None, None
+        if options.metrics_port is not None:
+            # One endpoint for every child: each writes its numbers to a file here.
+            directory = Path(tempfile.mkdtemp(prefix="corral-metrics-"))
+            env[METRICS_DIR_ENV] = str(directory)
+            try:
+                server = serve_http(
+                    options.metrics_port,
+                    options.metrics_host,
+                    lambda: read_snapshots(directory),
+                    primary,
+                    [queue.name for queue in plan.queues],
+                )
+            except CorralError as exc:
+                report_error(exc)
+                shutil.rmtree(directory, ignore_errors=True)
+                return EXIT_CONFIG
+        try:
+            return Supervisor(
+                child_command(options, modules),
+                processes=options.processes,
+                env=env,
+                burst=options.burst,
+            ).run()
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
     logger.info(
         "queues %s on %s at %s; task modules: %s",
         queues,
@@ -301,6 +343,11 @@ def serve(options: WorkerOptions) -> int:
         where,
         ", ".join(modules),
     )
+    metrics = None
+    if options.metrics_port is not None:
+        metrics = WorkerMetrics(port=options.metrics_port, host=options.metrics_host)
+    elif os.environ.get(METRICS_DIR_ENV):  # a child of a supervisor that serves metrics
+        metrics = WorkerMetrics(directory=Path(os.environ[METRICS_DIR_ENV]))
     try:
         return asyncio.run(
             run_worker(
@@ -308,6 +355,7 @@ def serve(options: WorkerOptions) -> int:
                 total_concurrency=options.total_concurrency,
                 burst=options.burst,
                 parent_pid=options.parent_pid,
+                metrics=metrics,
             )
         )
     except CorralError as exc:
@@ -457,6 +505,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check", action="store_true", help="health check: exit 0 if the backend answers"
     )
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (corral[metrics])"
+    )
+    parser.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of --metrics-port (default 127.0.0.1)"
+    )
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -477,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 processes=args.processes,
                 log_level=args.log_level,
                 log_format=args.log_format,
+                metrics_port=args.metrics_port,
+                metrics_host=args.metrics_host,
                 parent_pid=args.parent_pid,
             )
         )

@@ -84,6 +84,7 @@ def build_app(
             Route("/", pages.overview, name="overview"),
             Route("/schedules", pages.schedules, name="schedules"),
             Route("/workers", pages.workers, name="workers"),
+            Route("/metrics", pages.metrics, name="metrics"),
             Route("/queues/{queue}", pages.queue, name="queue"),
             Route("/queues/{queue}/jobs/{job_id:path}", pages.job, name="job"),
             Route(

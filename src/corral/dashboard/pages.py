@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from corral import prometheus
 from corral.dashboard.render import Renderer, Urls
 from corral.dashboard.storage import Storage, next_job_id, states
+from corral.errors import MissingDependencyError
 from corral.message import JobInfo, JobState
 from corral.schedules import ScheduleInfo
 
@@ -130,6 +132,16 @@ class Pages:
         if only:
             found = [worker for worker in found if only in worker.queues]
         return self.renderer.page(request, "workers.html", {"workers": found, "only": only})
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics of every queue: jobs per state, live workers (the text format)."""
+        queues = await self.storage.queues()
+        gauges = await prometheus.read_gauges(queues, self.storage.counts, self.storage.all_workers)
+        try:
+            body, content_type = prometheus.exposition(lambda: prometheus.families(None, gauges))
+        except MissingDependencyError as exc:
+            return Response(str(exc), status_code=503, media_type="text/plain")
+        return Response(body, media_type=content_type)
 
     async def job(self, request: Request) -> Response:
         queue = request.path_params["queue"]
