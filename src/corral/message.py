@@ -48,6 +48,9 @@ class NewJob:
     """Target queue; ``None`` means the backend's own queue (used for dead letters)."""
     deduplication: Deduplication | None = None
     """Add it only if no job stands for this id (see :mod:`corral.dedup`)."""
+    trace_context: str | None = None
+    """The producer's trace context (:mod:`corral.telemetry`), stored with the job as BullMQ's
+    ``tm`` option: a JSON object of W3C Trace Context headers, as ``bullmq-otel`` writes it."""
 
 
 class ChildPolicy(enum.StrEnum):
@@ -142,6 +145,8 @@ class QueueMessage:
     priority: int
     enqueued_at: datetime
     backoff: Retry | None = None
+    trace_context: str | None = field(default=None, repr=False)
+    """The trace context its producer stored with the job (see :class:`NewJob`), or ``None``."""
     _progress: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     _log: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False)
     _max_bytes: int = field(default=1_048_576, repr=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,6 +47,10 @@ H = TypeVar("H", bound=Handler)
 REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
 
 
+Send = Callable[[list[NewJob]], Awaitable[list[str]]]
+"""How the service writes validated jobs (``QueueBackend.enqueue``, or a wrapper of it)."""
+
+
 class QueueService(QueueManagement, QueueResults):
     """One queue: its handlers, its producer side and its worker.
 
@@ -73,6 +77,9 @@ class QueueService(QueueManagement, QueueResults):
         """Why the last worker run stopped on its own (too many abandoned handler threads)."""
         self.instruments: list[Callable[[Dispatch], Dispatch]] = []
         """Wrappers of a worker's job runs, innermost first (Prometheus metrics, tracing)."""
+        self.senders: list[Callable[[Send], Send]] = []
+        """Wrappers of the writes of ``enqueue``, ``enqueue_many`` and ``message.enqueue``
+        (tracing: :func:`corral.telemetry.instrument`)."""
 
     def __repr__(self) -> str:
         s = self.settings
@@ -287,7 +294,7 @@ class QueueService(QueueManagement, QueueResults):
             job_id=job_id,
             deduplication=deduplication,
         )
-        (job_id_out,) = await self.backend.enqueue([job])
+        (job_id_out,) = await self._send([job])
         return job_id_out
 
     def _build_many(self, jobs: Iterable[Mapping[str, Any]]) -> list[NewJob]:
@@ -311,7 +318,7 @@ class QueueService(QueueManagement, QueueResults):
         bad job raises PayloadError and nothing is written.
         """
         built = self._build_many(jobs)
-        return await self.backend.enqueue(built) if built else []
+        return await self._send(built) if built else []
 
     def enqueue_sync(self, name: str, data: Any = None, **options: Any) -> str:
         """:meth:`enqueue` for synchronous code (Django, Flask, scripts).
@@ -562,8 +569,15 @@ class QueueService(QueueManagement, QueueResults):
     async def _enqueue_to(self, queue: str, name: str, data: Any = None, **options: Any) -> str:
         """``message.enqueue``: a job into ``queue`` on this service's storage."""
         job = self.build_job(name, data, queue=queue, **options)
-        (job_id,) = await self.backend.enqueue([job])
+        (job_id,) = await self._send([job])
         return job_id
+
+    async def _send(self, jobs: list[NewJob]) -> list[str]:
+        """Write ``jobs`` through the backend, wrapped by :attr:`senders` (tracing)."""
+        send: Send = self.backend.enqueue
+        for wrap in self.senders:
+            send = wrap(send)
+        return await send(jobs)
 
     # -- moving ---------------------------------------------------------------------------
 

@@ -318,6 +318,8 @@ class Protocol:
             opts["removeOnFail"] = keep_failed
         if job.deduplication is not None:
             opts["de"] = dedup_opts(job.deduplication)
+        if job.trace_context is not None:
+            opts["tm"] = job.trace_context  # Node's telemetry.metadata
         return opts
 
     # -- consuming -------------------------------------------------------------------------

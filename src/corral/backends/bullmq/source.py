@@ -307,6 +307,7 @@ class BullMQSource(PullSource[Delivery]):
             priority=as_int(raw.get("priority")),
             enqueued_at=to_datetime(as_int(raw.get("timestamp"))),
             backoff=options.backoff,
+            trace_context=_text_or_none(options.opts.get("tm")),
             _progress=progress,
             _log=log,
             _max_bytes=self.settings.max_payload_bytes,
@@ -611,3 +612,7 @@ def _is_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -507,6 +507,7 @@ def job_row(job: NewJob, queue: str, now: int) -> tuple[Any, ...]:
         job.attempts,
         _backoff_json(job.backoff) if job.backoff else None,
         None,
+        job.trace_context,
     )
 
 

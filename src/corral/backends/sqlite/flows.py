@@ -22,8 +22,8 @@ from corral.payload import decode_lenient
 
 INSERT_FLOW_JOB = (
     "INSERT INTO jobs (queue, custom_id, name, data, state, priority, run_at, enqueued_at, "
-    "max_attempts, backoff, logs, parent_seq, parent_policy) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"
+    "max_attempts, backoff, logs, trace_context, parent_seq, parent_policy) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq"
 )
 
 _INSERT_DEPENDENCY = (

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -160,6 +160,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         )
         """,
     ),
+    # The producer's trace context (corral.telemetry), as BullMQ keeps it in a job's ``tm``.
+    9: ("ALTER TABLE jobs ADD COLUMN trace_context TEXT",),
 }
 
 JOB_COLUMNS = (
@@ -170,7 +172,7 @@ JOB_COLUMNS = (
 
 INSERT = (
     "INSERT INTO jobs (queue, custom_id, name, data, state, priority, run_at, enqueued_at, "
-    "max_attempts, backoff, logs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "max_attempts, backoff, logs, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 FINISHED_STATES = ("completed", "failed")

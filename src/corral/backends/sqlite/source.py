@@ -141,7 +141,7 @@ class SQLiteSource(PullSource[int]):
             "started_at = ? WHERE seq IN (SELECT seq FROM jobs WHERE queue = ? AND "
             "state = 'waiting' ORDER BY priority, run_at, seq LIMIT ?) RETURNING "
             "seq, custom_id, name, data, attempts_made, max_attempts, priority, "
-            "enqueued_at, backoff, run_at, scheduler, deferred_failure",
+            "enqueued_at, backoff, run_at, scheduler, deferred_failure, trace_context",
             (token, now + self.lease_ms, now, queue, max_jobs),
         ).fetchall()
         for row in rows:
@@ -169,6 +169,7 @@ class SQLiteSource(PullSource[int]):
             _run_at,
             _scheduler,
             deferred_failure,
+            trace_context,
         ) = row
         job_id = custom_id if custom_id is not None else str(seq)
         if deferred_failure is not None:  # a child failed it: it fails without running
@@ -194,6 +195,7 @@ class SQLiteSource(PullSource[int]):
             priority=priority,
             enqueued_at=to_datetime(enqueued_at) or datetime.fromtimestamp(0, UTC),
             backoff=retry,
+            trace_context=trace_context if isinstance(trace_context, str) else None,
             _progress=self._progress_writer(seq, token),
             _log=self._log_writer(seq),
             _max_bytes=self.settings.max_payload_bytes,
@@ -452,6 +454,7 @@ class SQLiteSource(PullSource[int]):
                 max_attempts,
                 backoff,
                 json.dumps([note]),
+                None,
             ),
         )
         self.db.notify(target)
