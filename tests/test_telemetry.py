@@ -46,7 +46,7 @@ async def test_a_job_continues_its_producers_trace(
     settings = make_settings()
     q = settings.name
     tracer = provider.get_tracer("app")
-    async with QueueService(settings) as service:
+    async with QueueService(settings) as service, QueueService(settings) as worker:
         instrument(service, tracer_provider=provider)
 
         @service.handler("parent")
@@ -59,7 +59,8 @@ async def test_a_job_continues_its_producers_trace(
 
         with tracer.start_as_current_span("request") as request:
             job_id = await service.enqueue("parent", {"n": 1})
-        await run_worker_until(service, finished(service, 2))
+        worker.include(service)  # as `corral worker` gathers a task module's service
+        await run_worker_until(worker, finished(worker, 2))
 
     (add,) = named(exporter, f"add {q}.parent")
     assert add.kind == SpanKind.PRODUCER

@@ -266,6 +266,8 @@ def failed_attempt(
 
 
 Dispatch = Callable[[QueueMessage], Awaitable[Outcome]]
+Send = Callable[[list[NewJob]], Awaitable[list[str]]]
+"""How a service writes validated jobs: ``QueueBackend.enqueue``, or a wrapper of it."""
 """What a backend calls for each delivery; the service's dispatcher (handler lookup, timeouts,
 retry arithmetic) lives above the backends and is the same for all of them."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +23,7 @@ from corral.message import (
     NewJob,
     Outcome,
     QueueMessage,
+    Send,
 )
 from corral.results import QueueResults
 from corral.retry import Retry
@@ -45,10 +46,6 @@ logger = logging.getLogger("corral.worker")
 H = TypeVar("H", bound=Handler)
 
 REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
-
-
-Send = Callable[[list[NewJob]], Awaitable[list[str]]]
-"""How the service writes validated jobs (``QueueBackend.enqueue``, or a wrapper of it)."""
 
 
 class QueueService(QueueManagement, QueueResults):
@@ -75,11 +72,10 @@ class QueueService(QueueManagement, QueueResults):
         self._backoff: tuple[tuple[object, ...], Retry] | None = None
         self.stuck: str | None = None
         """Why the last worker run stopped on its own (too many abandoned handler threads)."""
+        # Wrappers of a worker's job runs and of the service's writes, innermost first: how
+        # Prometheus metrics and OpenTelemetry spans are taken (corral.prometheus, .telemetry).
         self.instruments: list[Callable[[Dispatch], Dispatch]] = []
-        """Wrappers of a worker's job runs, innermost first (Prometheus metrics, tracing)."""
         self.senders: list[Callable[[Send], Send]] = []
-        """Wrappers of the writes of ``enqueue``, ``enqueue_many`` and ``message.enqueue``
-        (tracing: :func:`corral.telemetry.instrument`)."""
 
     def __repr__(self) -> str:
         s = self.settings
@@ -167,7 +163,10 @@ class QueueService(QueueManagement, QueueResults):
 
     def include(self, other: QueueService) -> None:
         """Register every handler and periodic schedule of ``other`` here (how a worker
-        gathers task modules); the schedules stay on ``other``'s queue."""
+        gathers task modules), and its :attr:`instruments` and :attr:`senders` (tracing set up
+        in a task module); the schedules stay on ``other``'s queue."""
+        self.instruments += [wrap for wrap in other.instruments if wrap not in self.instruments]
+        self.senders += [wrap for wrap in other.senders if wrap not in self.senders]
         for spec in other.handlers.values():
             existing = self.handlers.get(spec.name)
             if existing is not None and existing.fn is not spec.fn:
@@ -573,8 +572,7 @@ class QueueService(QueueManagement, QueueResults):
         return job_id
 
     async def _send(self, jobs: list[NewJob]) -> list[str]:
-        """Write ``jobs`` through the backend, wrapped by :attr:`senders` (tracing)."""
-        send: Send = self.backend.enqueue
+        send: Send = self.backend.enqueue  # wrapped by the senders
         for wrap in self.senders:
             send = wrap(send)
         return await send(jobs)

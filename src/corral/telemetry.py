@@ -40,10 +40,11 @@ from corral.message import (
     Outcome,
     QueueMessage,
     RetryLater,
+    Send,
 )
 
 if TYPE_CHECKING:
-    from corral.service import QueueService, Send
+    from corral.service import QueueService
 
 OTEL_EXTRA_HINT = "pip install 'corral[otel]'"
 
