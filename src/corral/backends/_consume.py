@@ -223,7 +223,10 @@ async def consume(
     async def heartbeat() -> None:
         while True:
             stats.running = len(running)
-            await errors.guard(queues[0].source.beat(stats), "recording the worker's heartbeat")
+            try:  # not paced like the calls below: a missed beat must not delay renewals
+                await queues[0].source.beat(stats)
+            except Exception as exc:
+                logger.debug("could not record the worker's heartbeat: %s", exc)
             await asyncio.sleep(beat_s)
             for queue in queues:
                 if queue.held:
