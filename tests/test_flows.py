@@ -382,6 +382,38 @@ async def test_a_completed_job_reused_as_a_child_does_not_release_early(
     assert rec.runs["part-5"] == 1  # not run again
 
 
+async def test_a_running_job_reused_as_a_child_releases_its_parent(
+    service: QueueService,
+) -> None:
+    rec = Recorder(service)
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    @service.handler("slow")
+    async def slow(message: QueueMessage) -> dict[str, int]:
+        started.set()
+        await finish.wait()
+        return {"double": 14}
+
+    await service.enqueue("slow", 7, job_id="running-7")
+    worker = asyncio.create_task(service.start_worker(concurrency=2))
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        # It becomes a child while it runs: its completion must still reach the parent.
+        flow = await service.enqueue_flow(
+            FlowJob("parent", children=[FlowJob("slow", 7, job_id="running-7")])
+        )
+        finish.set()
+
+        async def parent_done() -> bool:
+            return (await job_of(service, flow)).state is JobState.COMPLETED
+
+        await wait_until(parent_done, what="the parent completed")
+    finally:
+        service.stop()
+        await asyncio.wait_for(worker, 15)
+    assert rec.saw[flow.id][0] == {"running-7": {"double": 14}}
+
+
 async def test_a_parent_whose_children_all_existed_runs_at_once(service: QueueService) -> None:
     Recorder(service)
     done = await service.enqueue("leaf", 1, job_id="p1")

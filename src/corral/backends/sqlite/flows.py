@@ -45,10 +45,12 @@ _NONE_PENDING = (
 )
 
 OPEN_CHILDREN = (
-    "NOT EXISTS (SELECT 1 FROM dependencies WHERE parent_seq = jobs.seq "
-    "AND status IN ('pending', 'failed'))"
+    "NOT EXISTS (SELECT 1 FROM dependencies WHERE parent_seq = jobs.seq AND status = 'pending') "
+    "AND NOT EXISTS (SELECT 1 FROM dependencies WHERE parent_seq = jobs.seq "
+    "AND status = 'failed')"
 )
-"""Whether the job of the statement (``jobs``) may complete: no child pending or failing it."""
+"""Whether the job of the statement (``jobs``) may complete: no child pending or failing it.
+Two lookups, not ``status IN (...)``: SQLite builds a temporary table for an IN list."""
 
 RowBuilder = Callable[[NewJob, int], tuple[Any, ...]]
 

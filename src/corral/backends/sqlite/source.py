@@ -56,6 +56,22 @@ _READY_SQL = (
     "OR EXISTS (SELECT 1 FROM jobs WHERE queue = ? AND state = 'delayed' AND run_at <= ?)"
 )
 
+# A settle changes a job only while the claim's lease holds (its parameters: seq, token, now).
+_FENCE = "seq = ? AND lease_token = ? AND state = 'active' AND lease_expires_at >= ?"
+_COMPLETE = (
+    "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, "
+    "attempts_made = attempts_made + 1, lease_token = NULL, lease_expires_at = NULL "
+    f"WHERE {_FENCE} AND {flows.OPEN_CHILDREN}"
+)
+_DELETE = f"DELETE FROM jobs WHERE {_FENCE} AND {flows.OPEN_CHILDREN}"
+# A job without a parent, and one of a flow's children (whose parent the settle must update).
+# A job may become a child while it runs (a flow naming it), so the first is a guess: when it
+# changes nothing, the second says whether the lease or the children refused it.
+_COMPLETE_ORPHAN = f"{_COMPLETE} AND parent_seq IS NULL"
+_COMPLETE_CHILD = f"{_COMPLETE} RETURNING parent_seq"
+_DELETE_ORPHAN = f"{_DELETE} AND parent_seq IS NULL"
+_DELETE_CHILD = f"{_DELETE} RETURNING parent_seq"
+
 _Pending = tuple[Claim[int], Outcome, bool, "asyncio.Future[tuple[bool | str, list[Claim[int]]]]"]
 
 
@@ -334,27 +350,20 @@ class SQLiteSource(PullSource[int]):
         """Apply one outcome under the claim's fence; ``False`` (and no change) if it is stale,
         the reason (and no change) if it is a parent that cannot complete yet."""
         seq = claim.handle
-        fence = "seq = ? AND lease_token = ? AND state = 'active' AND lease_expires_at >= ?"
+        fence = _FENCE
         fence_args = (seq, claim.token, now)
         if isinstance(outcome, Completed):
             # A child's result is recorded for its parent in the same transaction: a parent
             # cannot be stranded between "child completed" and "parent released".
-            if self.settings.keep_completed == 0:
-                done = conn.execute(
-                    f"DELETE FROM jobs WHERE {fence} AND {flows.OPEN_CHILDREN} "
-                    "RETURNING parent_seq",
-                    fence_args,
-                ).fetchall()
-            else:
-                done = conn.execute(
-                    "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, "
-                    "attempts_made = attempts_made + 1, lease_token = NULL, "
-                    f"lease_expires_at = NULL WHERE {fence} AND {flows.OPEN_CHILDREN} "
-                    "RETURNING parent_seq",
-                    (outcome.result_json, now, *fence_args),
-                ).fetchall()
+            delete = self.settings.keep_completed == 0
+            args = fence_args if delete else (outcome.result_json, now, *fence_args)
+            # Most jobs have no parent: for them one statement without RETURNING does it
+            # (RETURNING costs SQLite a temporary table per statement).
+            if conn.execute(_DELETE_ORPHAN if delete else _COMPLETE_ORPHAN, args).rowcount == 1:
+                return True
+            done = conn.execute(_DELETE_CHILD if delete else _COMPLETE_CHILD, args).fetchall()
             if not done:
-                return self._refusal(conn, claim, fence, fence_args)
+                return self._refusal(conn, claim, _FENCE, fence_args)
             parent_seq = done[0][0]
             if parent_seq is not None:
                 self._woke(
