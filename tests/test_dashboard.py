@@ -413,8 +413,8 @@ def test_odd_job_ids_link_to_their_pages(make_settings: SettingsFactory) -> None
 def test_panels_of_later_capabilities_render_when_the_storage_has_them(
     make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Workers and throughput are filled in by Storage methods that return nothing while the
-    backends record neither; a storage that reports them gets the column and the chart."""
+    """The workers column and the throughput chart draw what the storage reports (the real
+    figures are checked in tests/test_workers.py and tests/test_metrics.py)."""
     from datetime import UTC, datetime
 
     from corral.dashboard.storage import Storage, Throughput
