@@ -1,7 +1,8 @@
 """Fault injection: run real workers, SIGKILL them at random, and check that no job was lost.
 
 ``corral chaos`` (or :func:`run_chaos`) starts ``workers`` worker processes
-(``python -m corral.worker corral.tools._chaos_tasks``) on a fresh queue, enqueues ``jobs`` jobs
+(``python -m corral.worker corral.tools._chaos_tasks``) on a fresh queue and, once they are all
+up, enqueues ``jobs`` jobs
 spread over ``duration_s`` while it kills a random worker with SIGKILL every ``kill_every_s`` and
 starts a new one in its place, then lets the queue drain (within ``drain_timeout_s``) and checks
 the outcome the way Jepsen's total-queue checker does, against two records:
@@ -61,6 +62,7 @@ MAX_WORKERS = 64
 MAX_CONCURRENCY = 1_000
 MAX_DURATION_S = 3_600.0
 MIN_KILL_EVERY_S = 0.1
+WARM_UP_LIMIT_S = 60.0  # how long the run waits for its workers to be up
 ENQUEUE_TICK_S = 0.1
 SAMPLE_SIZE = 10
 EXIT_VIOLATION = 1
@@ -523,11 +525,23 @@ class _Run:
         pending = counts[JobState.ACTIVE] + counts[JobState.WAITING] + counts[JobState.DELAYED]
         return settled >= len(self.enqueued) and pending == 0
 
+    async def workers_up(self) -> None:
+        """Wait until every worker is up (listed by the queue), so that on a busy machine the
+        kills do not fall on workers still starting, which run nothing and test nothing."""
+        deadline = time.monotonic() + WARM_UP_LIMIT_S
+        while len(await self.service.workers()) < self.config.workers:
+            if time.monotonic() > deadline:
+                self.say(f"workers not all up after {WARM_UP_LIMIT_S:g}s; starting anyway")
+                return
+            await self.restart_crashed()
+            await asyncio.sleep(0.05)
+
     async def go(self) -> ChaosReport:
         config = self.config
         await self.service.counts()  # reach the backend (and create the schema) first
         for slot in range(config.workers):
             self.fleet.start(slot)
+        await self.workers_up()
         self.started = time.monotonic()
         producer = asyncio.create_task(self.produce(), name="corral-chaos-producer")
         try:
