@@ -22,7 +22,7 @@ from corral.errors import (
     WaitTimeoutError,
 )
 from corral.flows import FlowJob, FlowNode, chain, chord
-from corral.message import Child, ChildStatus, JobInfo, JobRef, JobState, QueueMessage
+from corral.message import Child, ChildStatus, Event, JobInfo, JobRef, JobState, QueueMessage
 from corral.retry import Retry
 from corral.schedules import ScheduleInfo
 from corral.service import QueueService
@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "CorralError",
     "Deduplication",
+    "Event",
     "FlowJob",
     "FlowNode",
     "HandlerCrashError",

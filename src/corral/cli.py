@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral import __version__
+from corral._cli_events import events
 from corral._cli_results import register as register_result_commands
 from corral._cli_schedules import register as register_schedule_commands
 from corral._cli_tx import move, outbox_app, relay
@@ -420,6 +421,7 @@ def purge(
 register_schedule_commands(app, run, out)
 register_result_commands(app, run)
 register_worker_commands(app, run, out)
+app.command()(events)
 
 
 # -- workers ------------------------------------------------------------------------------------

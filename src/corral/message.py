@@ -300,6 +300,22 @@ class JobInfo:
     """The job's parent in a flow, if it has one."""
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of a queue or of a job in it, as its events stream tells it (BullMQ's names).
+
+    ``fields`` holds the rest as stored (text): ``prev`` (the state left), ``returnvalue`` (JSON
+    text), ``failedReason``, ``data`` (a progress value as JSON text), ``delay`` (when a delayed
+    job is due, milliseconds since the epoch), ``attemptsMade``, ``deduplicationId``, ...
+    """
+
+    id: str
+    """Its position in the stream: give it as ``since=`` to read on after it, with no gap."""
+    name: str
+    job_id: str | None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class JobRecord:
     """A job as :meth:`QueueBackend.export_jobs` reads it: everything needed to recreate it in

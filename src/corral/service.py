@@ -13,6 +13,7 @@ from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
 from corral.dedup import Deduplication, check_deduplication
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
+from corral.events import QueueEvents
 from corral.flows import FlowJob, FlowNode, plan_flow, write_flow
 from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, handler_spec
 from corral.jobs import check_attempts, check_name, new_job
@@ -48,7 +49,7 @@ H = TypeVar("H", bound=Handler)
 REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
 
 
-class QueueService(QueueManagement, QueueResults):
+class QueueService(QueueManagement, QueueResults, QueueEvents):
     """One queue: its handlers, its producer side and its worker.
 
     Example::

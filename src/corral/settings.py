@@ -143,6 +143,7 @@ class QueueSettings(BaseSettings):
     rate_limit_max: int | None = Field(default=None, ge=1)
     rate_limit_duration_s: float = Field(default=1.0, gt=0, le=86400)
     poll_interval_s: float = Field(default=0.02, gt=0, le=60)
+    events_max_len: int = Field(default=10_000, ge=100, le=10_000_000)
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     allow_unsafe_integers: bool = False
     isolate_sync: bool = False

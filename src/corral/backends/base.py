@@ -23,6 +23,7 @@ from corral.backends._consume import consume
 from corral.message import (
     Child,
     Dispatch,
+    Event,
     FlowEntry,
     FlowWrite,
     ImportOutcome,
@@ -189,6 +190,14 @@ class QueueBackend(ABC):
     @abstractmethod
     async def get_job(self, job_id: str) -> JobInfo | None:
         """The job with ``job_id`` in this queue, or ``None`` if there is none."""
+
+    @abstractmethod
+    async def open_events(self) -> EventFeed:
+        """A reader of this queue's events (see :class:`EventFeed`); the caller closes it.
+
+        Events are written atomically with the change they tell of, so a reader never sees an
+        event of a change that was rolled back, nor a change without its event.
+        """
 
     async def watch_job(self, job_id: str) -> JobWatch:
         """Start watching the job ``job_id`` for changes (how :func:`corral.results.wait_for`
@@ -391,6 +400,31 @@ class QueueBackend(ABC):
     async def close(self) -> None:
         """Release connections and files. Idempotent; returns promptly even if the storage is
         unreachable."""
+
+
+class EventFeed(ABC):
+    """The events of one queue, oldest first, each with a position that only grows.
+
+    The store keeps a bounded number (BullMQ's ``maxLenEvents``, SQLite's ``events_max_len``):
+    a reader that falls further behind than that misses the oldest, which nothing else does.
+    Reading writes nothing and holds up no producer or worker.
+    """
+
+    START = "0"
+    """The position before the first event ever written."""
+
+    @abstractmethod
+    async def last_id(self) -> str:
+        """The position of the newest event (:attr:`START` if there is none): reading after it
+        gives every event written from now on."""
+
+    @abstractmethod
+    async def read(self, after: str, *, block_s: float, count: int) -> list[Event]:
+        """Up to ``count`` events after position ``after``, oldest first; if there is none yet,
+        wait up to ``block_s`` for one (an empty list then)."""
+
+    async def aclose(self) -> None:  # noqa: B027 (optional: most readers hold nothing)
+        """Release what the reader holds (a connection of its own)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from corral.backends.base import PullBackend, name_matches
 from corral.backends.bullmq import transfer
 from corral.backends.bullmq.connection import Client, RedisStore
-from corral.backends.bullmq.events import StreamWatch
+from corral.backends.bullmq.events import StreamReader, StreamWatch
 from corral.backends.bullmq.flows import read_children, write_flow
 from corral.backends.bullmq.protocol import (
     ADD_SCRIPTS,
@@ -152,6 +152,9 @@ class BullMQBackend(PullBackend):
         if not raw:
             return None
         return self._info(job_id, raw, str(state), logs, delayed_score)
+
+    async def open_events(self) -> StreamReader:
+        return StreamReader(self.store, self.queue_name)
 
     async def watch_job(self, job_id: str) -> StreamWatch:
         return await StreamWatch.open(self.store, self.queue_name, job_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,21 +19,19 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
-from corral.backends.base import JobEnd, JobWatch
+from corral.backends.base import EventFeed, JobEnd, JobWatch
 from corral.backends.bullmq.connection import CLOSE_TIMEOUT_S, RedisStore, node_url
+from corral.errors import ConfigError
+from corral.message import Event
 from corral.payload import decode_lenient
 
 MAX_BLOCK_S = 5.0
 """The longest one ``XREAD`` blocks: a waiter longer than that blocks again."""
 
-START = "0-0"
-"""The position before the first entry of a stream."""
-
-Entry = tuple[str, dict[str, str]]
-"""One stream entry: its id and its fields."""
+_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 
-class StreamReader:
+class StreamReader(EventFeed):
     """Blocking reads of one queue's event stream, on a connection of its own."""
 
     def __init__(self, store: RedisStore, queue: str) -> None:
@@ -62,16 +61,15 @@ class StreamReader:
         return self._client
 
     async def last_id(self) -> str:
-        """The id of the stream's newest entry (:data:`START` for an empty stream): reading
-        after it gives every entry added from now on."""
         with self.store.errors("reading the queue's events"):
             client = await self._connection()
             newest: Any = await client.xrevrange(self.key, count=1)
-        return str(newest[0][0]) if newest else START
+        return str(newest[0][0]) if newest else self.START
 
-    async def read(self, after: str, *, block_s: float, count: int = 500) -> list[Entry]:
-        """Up to ``count`` entries after the id ``after``, oldest first; if there are none yet,
-        wait up to ``block_s`` for one (at most :data:`MAX_BLOCK_S`)."""
+    async def read(self, after: str, *, block_s: float, count: int) -> list[Event]:
+        """As :meth:`EventFeed.read`; one call blocks at most :data:`MAX_BLOCK_S`."""
+        if not isinstance(after, str) or not _STREAM_ID.fullmatch(after):
+            raise ConfigError(f"{after!r} is not an event id of a BullMQ events stream")
         block_ms = max(1, round(min(block_s, MAX_BLOCK_S) * 1000))
         with self.store.errors("reading the queue's events"):
             client = await self._connection()
@@ -79,7 +77,12 @@ class StreamReader:
         if not reply:
             return []
         _key, entries = reply[0]
-        return [(str(entry_id), dict(fields or {})) for entry_id, fields in entries]
+        events = []
+        for entry_id, raw in entries:
+            fields = dict(raw or {})
+            name = fields.pop("event", "")
+            events.append(Event(str(entry_id), name, fields.pop("jobId", None), fields))
+        return events
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -111,16 +114,17 @@ class StreamWatch(JobWatch):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while (remaining_s := deadline - loop.time()) > 0:
-            entries = await self.reader.read(self.after, block_s=remaining_s)
-            if not entries:
+            events = await self.reader.read(self.after, block_s=remaining_s, count=500)
+            if not events:
                 continue
-            self.after = entries[-1][0]
-            mine = [fields for _, fields in entries if fields.get("jobId") == self.job_id]
-            for fields in mine:
-                if fields.get("event") == "completed":
-                    self.ended = JobEnd(True, decode_lenient(fields.get("returnvalue", "null")))
-                elif fields.get("event") == "failed":
-                    self.ended = JobEnd(False, reason=fields.get("failedReason", ""))
+            self.after = events[-1].id
+            mine = [event for event in events if event.job_id == self.job_id]
+            for event in mine:
+                if event.name == "completed":
+                    value = decode_lenient(event.fields.get("returnvalue", "null"))
+                    self.ended = JobEnd(True, value)
+                elif event.name == "failed":
+                    self.ended = JobEnd(False, reason=event.fields.get("failedReason", ""))
             if mine:
                 return
 

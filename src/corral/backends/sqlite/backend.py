@@ -25,7 +25,7 @@ from corral.backends.sqlite.dedup import insert_deduplicated
 from corral.backends.sqlite.metrics import READ_SQL as METRICS_SQL
 from corral.backends.sqlite.schema import INSERT, JOB_COLUMNS
 from corral.backends.sqlite.source import SQLiteSource, now_ms, to_datetime
-from corral.backends.sqlite.watch import SQLiteWatch
+from corral.backends.sqlite.watch import SQLiteEvents, SQLiteWatch
 from corral.errors import JobActiveError, ScheduleConflictError
 from corral.message import (
     Child,
@@ -91,6 +91,7 @@ class SQLiteBackend(PullBackend):
             synchronous=settings.sqlite_synchronous,
             poll_interval_s=settings.poll_interval_s,
             memory_name=settings.identity,
+            events_max_len=settings.events_max_len,
         )
 
     def __repr__(self) -> str:
@@ -163,6 +164,9 @@ class SQLiteBackend(PullBackend):
         where, params = self._id_clause(job_id)
         rows = self.db.read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE {where}", params)
         return self._infos(rows)[0] if rows else None
+
+    async def open_events(self) -> SQLiteEvents:
+        return SQLiteEvents(self.db, self.queue_name)
 
     async def watch_job(self, job_id: str) -> SQLiteWatch:
         return SQLiteWatch(self.db)

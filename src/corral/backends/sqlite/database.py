@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from corral.backends.sqlite.schema import (
     SCHEMA_VERSION,
+    TRIM_EVENTS,
     check_not_newer,
     schema_version,
     upgrade,
@@ -70,8 +71,10 @@ class Database:
         synchronous: str = "normal",
         poll_interval_s: float,
         memory_name: str = "",
+        events_max_len: int = 10_000,
     ) -> None:
         self.path = path
+        self.events_max_len = events_max_len
         # ":memory:" is private to the settings that name it (and their copies), not shared by
         # every service of the process: tests must not see each other's jobs.
         self.memory_uri = f"file:corral-{os.getpid()}-{memory_name}?mode=memory&cache=shared"
@@ -147,11 +150,18 @@ class Database:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
-    def _after_commit(self) -> None:
-        """Checkpoint the WAL in a thread once it grows: automatic checkpoints would run in
-        whichever commit crosses the threshold, on the event loop."""
+    def _after_commit(self, conn: sqlite3.Connection) -> None:
+        """Every so many commits, trim the events table and checkpoint the WAL in a thread
+        once it grows: automatic checkpoints would run in whichever commit crosses the
+        threshold, on the event loop."""
         self._commits += 1
-        if self._commits % _CHECK_WAL_EVERY or self.path == ":memory:":
+        if self._commits % _CHECK_WAL_EVERY:
+            return
+        # Trimmed here rather than by a trigger: a trigger on ``events`` would slow down every
+        # write that adds an event. Locked by another process: the next round trims.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute(TRIM_EVENTS, (self.events_max_len,))
+        if self.path == ":memory:":
             return
         if self._checkpoint is not None and self._checkpoint.is_alive():
             return
@@ -204,7 +214,7 @@ class Database:
                 if isinstance(exc, sqlite3.DatabaseError):
                     raise wrap_error(self.path, exc) from exc
                 raise
-            self._after_commit()
+            self._after_commit(conn)
             return result
 
     async def _write_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -237,7 +247,7 @@ class Database:
             raise wrap_error(self.path, exc) from exc
         except sqlite3.DatabaseError as exc:
             raise wrap_error(self.path, exc) from exc
-        self._after_commit()
+        self._after_commit(conn)
         return result
 
     async def statement(self, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -251,7 +261,7 @@ class Database:
         while True:
             try:
                 rows = conn.execute(sql, params).fetchall()
-                self._after_commit()
+                self._after_commit(conn)
                 return rows
             except sqlite3.OperationalError as exc:
                 if not _is_locked(exc) or time.monotonic() > deadline:

@@ -39,18 +39,33 @@ def insert_deduplicated(
         else:
             stands = expires_at > now
         if stands:
+            standing = str(standing_custom) if standing_custom is not None else str(seq)
             if dedup.replace and state == "delayed":
                 # Debounce: the standing job has not run yet; this one takes its place.
                 conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
                 keep = expires_at if not dedup.extend and ttl_ms else None
-                return _insert(conn, row, dedup, keep if keep is not None else _expiry(now, ttl_ms))
+                new = _insert(conn, row, dedup, keep if keep is not None else _expiry(now, ttl_ms))
+                _deduplicated(conn, queue, new, dedup.id, replaced=standing)
+                return new
             if dedup.extend and ttl_ms and not dedup.replace:
                 conn.execute(
                     "UPDATE deduplication SET expires_at = ? WHERE queue = ? AND id = ?",
                     (now + ttl_ms, queue, dedup.id),
                 )
-            return str(standing_custom) if standing_custom is not None else str(seq)
+            _deduplicated(conn, queue, standing, dedup.id)
+            return standing
     return _insert(conn, row, dedup, _expiry(now, ttl_ms))
+
+
+def _deduplicated(
+    conn: sqlite3.Connection, queue: str, job_id: str, dedup_id: str, *, replaced: str = ""
+) -> None:
+    """BullMQ's ``deduplicated`` event: ``job_id`` stands for ``dedup_id`` (it replaced the
+    job ``replaced``, in debounce mode)."""
+    conn.execute(
+        "INSERT INTO events (queue, name, job_id, prev, value) VALUES (?, 'deduplicated', ?, ?, ?)",
+        (queue, job_id, replaced or None, dedup_id),
+    )
 
 
 def _expiry(now: int, ttl_ms: int | None) -> int | None:

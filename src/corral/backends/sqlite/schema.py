@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
+
+_JOB_ID = "coalesce(NEW.custom_id, NEW.seq)"
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -162,6 +164,90 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     ),
     # The producer's trace context (corral.telemetry), as BullMQ keeps it in a job's ``tm``.
     9: ("ALTER TABLE jobs ADD COLUMN trace_context TEXT",),
+    # Events (corral.events): BullMQ's event names, written by triggers in the very transaction
+    # that changes a job or a queue, so no change goes without its event and no code path can
+    # forget one. One row per change, with its own columns rather than JSON (the cheapest rows
+    # to write): a job added waiting is one row ('added+waiting') that readers give as BullMQ's
+    # two events. ``seq`` only grows: trimming (Database: the newest ``events_max_len`` rows
+    # are kept) never deletes the newest row.
+    10: (
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            queue TEXT NOT NULL,
+            name TEXT NOT NULL,
+            job_id TEXT,
+            prev TEXT,
+            value TEXT
+        )
+        """,
+        f"""
+        CREATE TRIGGER jobs_event_added_later AFTER INSERT ON jobs
+        WHEN NEW.state IN ('delayed', 'waiting-children') BEGIN
+            INSERT INTO events (queue, name, job_id, value)
+                VALUES (NEW.queue, NEW.state, {_JOB_ID}, NEW.run_at);
+        END
+        """,
+        f"""
+        CREATE TRIGGER jobs_event_added AFTER INSERT ON jobs BEGIN
+            INSERT INTO events (queue, name, job_id, value) VALUES (NEW.queue,
+                CASE NEW.state WHEN 'waiting' THEN 'added+waiting' ELSE 'added' END,
+                {_JOB_ID}, NEW.name);
+        END
+        """,
+        # SQLite runs the triggers of one change newest first: 'retries-exhausted' is created
+        # before 'failed' so that it comes after it, 'stalled' after the state's so before it.
+        # Separate triggers with WHEN clauses cost a plain change nothing but the WHEN.
+        f"""
+        CREATE TRIGGER jobs_event_exhausted AFTER UPDATE OF state ON jobs
+        WHEN NEW.state = 'failed' AND OLD.state = 'active'
+            AND NEW.attempts_made >= NEW.max_attempts BEGIN
+            INSERT INTO events (queue, name, job_id, value)
+                VALUES (NEW.queue, 'retries-exhausted', {_JOB_ID}, NEW.attempts_made);
+        END
+        """,
+        f"""
+        CREATE TRIGGER jobs_event_state AFTER UPDATE OF state ON jobs
+        WHEN NEW.state IS NOT OLD.state BEGIN
+            INSERT INTO events (queue, name, job_id, prev, value)
+                VALUES (NEW.queue, NEW.state, {_JOB_ID}, OLD.state, CASE NEW.state
+                    WHEN 'completed' THEN NEW.result WHEN 'failed' THEN NEW.error
+                    WHEN 'delayed' THEN NEW.run_at END);
+        END
+        """,
+        f"""
+        CREATE TRIGGER jobs_event_stalled AFTER UPDATE OF stalls ON jobs
+        WHEN NEW.stalls > OLD.stalls BEGIN
+            INSERT INTO events (queue, name, job_id) VALUES (NEW.queue, 'stalled', {_JOB_ID});
+        END
+        """,
+        f"""
+        CREATE TRIGGER jobs_event_progress AFTER UPDATE OF progress ON jobs
+        WHEN NEW.state = 'active' AND NEW.progress IS NOT NULL BEGIN
+            INSERT INTO events (queue, name, job_id, value)
+                VALUES (NEW.queue, 'progress', {_JOB_ID}, NEW.progress);
+        END
+        """,
+        """
+        CREATE TRIGGER jobs_event_removed AFTER DELETE ON jobs
+        WHEN OLD.state NOT IN ('completed', 'failed') BEGIN
+            INSERT INTO events (queue, name, job_id, prev)
+                VALUES (OLD.queue, 'removed', coalesce(OLD.custom_id, OLD.seq), OLD.state);
+        END
+        """,
+        """
+        CREATE TRIGGER queues_event_paused AFTER INSERT ON queues WHEN NEW.paused BEGIN
+            INSERT INTO events (queue, name) VALUES (NEW.name, 'paused');
+        END
+        """,
+        """
+        CREATE TRIGGER queues_event_pause AFTER UPDATE OF paused ON queues
+        WHEN NEW.paused IS NOT OLD.paused BEGIN
+            INSERT INTO events (queue, name)
+                VALUES (NEW.name, CASE WHEN NEW.paused THEN 'paused' ELSE 'resumed' END);
+        END
+        """,
+    ),
 }
 
 JOB_COLUMNS = (
@@ -206,6 +292,10 @@ def upgrade(conn: sqlite3.Connection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+TRIM_EVENTS = "DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?"
+"""Keep the newest ``?`` events (never the newest: ids keep growing)."""
 
 
 def trim_finished(conn: sqlite3.Connection, queue: str, state: str, keep: int) -> None:
