@@ -1,4 +1,5 @@
-"""The ``corral wait`` command (registered by :mod:`corral.cli`): wait for a job's result."""
+"""The ``corral wait`` and ``corral cancel`` commands (registered by :mod:`corral.cli`): wait
+for a job's result, cancel a job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from corral._cliutil import fail
 from corral.errors import JobFailedError, WaitTimeoutError
 from corral.service import QueueService
 
@@ -20,7 +22,26 @@ EXIT_TIMEOUT = 124
 
 
 def register(app: typer.Typer, run: Runner[Any]) -> None:
-    """Add ``corral wait`` to ``app``; ``run`` runs a call on the queue (cli.run)."""
+    """Add ``corral wait`` and ``corral cancel`` to ``app``; ``run`` runs a call on the queue
+    (cli.run)."""
+
+    @app.command()
+    def cancel(
+        ctx: typer.Context,
+        job_id: Annotated[str, typer.Argument(metavar="ID", help="The job's id")],
+        reason: Annotated[
+            str | None, typer.Option("--reason", help="Why; the failed attempt's error says it")
+        ] = None,
+    ) -> None:
+        """Cancel a job: remove it if it has not started, else ask its worker to stop it (the
+        attempt fails as cancelled, with no retry)."""
+
+        async def call(service: QueueService) -> bool:
+            return await service.cancel(job_id, reason)
+
+        if not run(ctx, call):
+            fail(f"job {job_id} is not waiting, delayed or running")
+        typer.echo(f"cancelled job {job_id}")
 
     @app.command()
     def wait(

@@ -213,17 +213,33 @@ class Dispatcher:
             )
             return Failed(error, "")
         message._enqueue = self.enqueue
+        if message._cancelled is not None:  # asked while it waited in the worker's buffer
+            return self.cancelled(message)
+        # service.cancel interrupts an async (or isolated) handler by cancelling this task; a
+        # thread cannot be interrupted, so a sync handler checks message.cancelled instead.
+        task = asyncio.current_task() if spec.is_async or spec.isolate else None
+        message._on_cancel = task.cancel if task is not None else None
         try:
             result = await self._call(spec, message)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if message._cancelled is not None and _uncancel(task) == 0:
+                return self.cancelled(message)  # service.cancel, not a shutdown
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise  # the worker's own cancellation (shutdown): the job is released
             return self.failure(message, asyncio.CancelledError("the handler was cancelled"))
         except BaseException as exc:
+            if message._cancelled is not None:
+                _uncancel(task)  # the handler turned the cancellation into another error
+                return self.cancelled(message)
             # A handler that calls sys.exit() or raises KeyboardInterrupt fails its attempt;
             # only a signal to the process stops the worker.
             return self.failure(message, exc)
+        finally:
+            message._on_cancel = None
+        if message._cancelled is not None:
+            _uncancel(task)  # the handler caught the cancellation and returned
+            return self.cancelled(message)
         try:
             if isinstance(result, EncodedResult):  # an isolated handler's, checked in its child
                 if result.refused is not None:
@@ -263,6 +279,19 @@ class Dispatcher:
                 f"handler {spec.name!r} ran longer than timeout_s={spec.timeout_s:g}"
             ) from None
 
+    def cancelled(self, message: QueueMessage) -> Failed:
+        """A cancelled attempt: it fails for good, whatever attempts remain."""
+        reason = message._cancelled or "cancelled"
+        logger.warning(
+            "job %s %r %s %s",
+            message.id,
+            message.name,
+            attempt_text(message.attempt, message.max_attempts),
+            reason,
+            extra=job_fields(message),
+        )
+        return Failed(reason, "")
+
     def failure(self, message: QueueMessage, exc: BaseException) -> Outcome:
         if isinstance(exc, ChildFailure):  # raised in an isolated handler's child process
             error, trace, final = exc.error, exc.trace, exc.final
@@ -292,3 +321,11 @@ class Dispatcher:
             extra={**job_fields(message), "traceback": trace},
         )
         return outcome
+
+
+def _uncancel(task: asyncio.Task[Any] | None) -> int:
+    """Take back the cancellation ``service.cancel`` asked of ``task`` (see
+    :meth:`Dispatcher.__call__`); return the cancellations still pending."""
+    if task is None or not task.cancelling():
+        return task.cancelling() if task is not None else 0
+    return task.uncancel()

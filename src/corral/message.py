@@ -152,6 +152,22 @@ class QueueMessage:
     _max_bytes: int = field(default=1_048_576, repr=False)
     _enqueue: Callable[..., Awaitable[str]] | None = field(default=None, repr=False)
     _children: Callable[[], Awaitable[list[Child]]] | None = field(default=None, repr=False)
+    _cancelled: str | None = field(default=None, repr=False)
+    _on_cancel: Callable[[], Any] | None = field(default=None, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether someone asked to cancel this job while it runs (``service.cancel``): a
+        synchronous handler, which cannot be interrupted, should check it and return; an async
+        handler is cancelled. The attempt fails as cancelled either way, with no retry."""
+        return self._cancelled is not None
+
+    def _request_cancel(self, reason: str) -> None:
+        """Mark the delivery cancelled and interrupt an async handler (the worker loop)."""
+        if self._cancelled is None:
+            self._cancelled = reason
+            if self._on_cancel is not None:
+                self._on_cancel()
 
     async def progress(self, value: JSON) -> None:
         """Record the job's progress: a number (0-100) or any JSON value.

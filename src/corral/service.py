@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral._sync import SyncRunner
 from corral.backends.base import QueueBackend
+from corral.cancel import QueueCancel
 from corral.dedup import Deduplication, check_deduplication
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.events import QueueEvents
@@ -49,7 +50,7 @@ H = TypeVar("H", bound=Handler)
 REDIS_EXTRA_HINT = "pip install 'corral[redis]'"
 
 
-class QueueService(QueueManagement, QueueResults, QueueEvents):
+class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
     """One queue: its handlers, its producer side and its worker.
 
     Example::

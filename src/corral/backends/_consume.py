@@ -244,6 +244,12 @@ async def consume(
                                 "renewal); another worker may run it",
                                 claim.job_id,
                             )
+                    asked = await errors.guard(
+                        queue.source.cancel_requests(list(queue.held)), "reading cancel requests"
+                    )
+                    for claim, reason in (asked or {}).items():
+                        if claim.message is not None and claim in queue.held:
+                            claim.message._request_cancel(reason)
                 await errors.guard(queue.source.maintain(), "housekeeping")
 
     limit_sum = sum(queue.limit for queue in queues)

@@ -299,6 +299,17 @@ class QueueBackend(ABC):
         """
 
     @abstractmethod
+    async def request_cancel(self, job_id: str, reason: str) -> bool:
+        """Ask the worker running the active job ``job_id`` to stop it; ``False`` if the job is
+        not active. Any process may ask.
+
+        The request is stored with the job and bound to its current lease, the attempt running
+        now: the worker holding that lease finds it with :meth:`PullSource.cancel_requests`
+        at its next lease renewal, and fails the attempt with ``reason`` and no retry; a later
+        attempt (after a redelivery) is not affected.
+        """
+
+    @abstractmethod
     async def promote(self, job_id: str) -> bool:
         """Make a delayed job due now (it waits in its priority's place); ``False`` if there is
         no delayed job with that id."""
@@ -514,6 +525,12 @@ class PullSource(ABC, Generic[H]):
     @abstractmethod
     async def wait_for_work(self, timeout_s: float) -> None:
         """Return when a job may be ready, or after ``timeout_s`` (a hint; may return early)."""
+
+    async def cancel_requests(self, claims: Sequence[Claim[H]]) -> dict[Claim[H], str]:
+        """Those of ``claims`` whose attempt was asked to stop
+        (:meth:`QueueBackend.request_cancel`), with the reason; read at every lease renewal.
+        A request for another lease of the same job does not count. None by default."""
+        return {}
 
     async def maintain(self) -> None:
         """Periodic housekeeping (stalled jobs, promotions); called about every ``lease_s / 3``."""

@@ -22,7 +22,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from corral.backends.base import PullBackend, name_matches
-from corral.backends.bullmq import transfer
+from corral.backends.bullmq import cancel, transfer
 from corral.backends.bullmq.connection import Client, RedisStore
 from corral.backends.bullmq.events import StreamReader, StreamWatch
 from corral.backends.bullmq.flows import read_children, write_flow
@@ -411,6 +411,11 @@ class BullMQBackend(PullBackend):
         if result < 0:
             raise BackendError(f"BullMQ refused to remove job {job_id} (code {result})")
         return True
+
+    async def request_cancel(self, job_id: str, reason: str) -> bool:
+        return await cancel.request_cancel(
+            self.store, self.queue_name, job_id, reason, self.settings.lease_s
+        )
 
     async def promote(self, job_id: str) -> bool:
         with self.store.errors(f"promoting job {job_id}"):

@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
+from corral.backends.bullmq.cancel import cancel_requests
 from corral.backends.bullmq.connection import (
     CLOSE_TIMEOUT_S,
     RedisStore,
@@ -492,6 +493,11 @@ class BullMQSource(PullSource[Delivery]):
         raise BackendError(
             f"could not fail job {claim.job_id}: its lock kept changing during {_WATCH_TRIES} tries"
         )
+
+    async def cancel_requests(
+        self, claims: Sequence[Claim[Delivery]]
+    ) -> dict[Claim[Delivery], str]:
+        return await cancel_requests(self.store, self.queue, claims)
 
     async def extend(self, claims: Sequence[Claim[Delivery]]) -> list[Claim[Delivery]]:
         if not claims:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.backends.base import PullBackend, name_matches
-from corral.backends.sqlite import flows, schedules, transfer
+from corral.backends.sqlite import cancel, flows, schedules, transfer
 from corral.backends.sqlite import workers as worker_rows
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.dedup import insert_deduplicated
@@ -347,6 +347,10 @@ class SQLiteBackend(PullBackend):
         for queue in woken:
             self.db.notify(queue)
         return removed
+
+    async def request_cancel(self, job_id: str, reason: str) -> bool:
+        where, params = self._id_clause(job_id)
+        return await cancel.request_cancel(self.db, where, params, reason)
 
     async def promote(self, job_id: str) -> bool:
         where, params = self._id_clause(job_id)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _JOB_ID = "coalesce(NEW.custom_id, NEW.seq)"
 
@@ -247,6 +247,11 @@ MIGRATIONS: dict[int, Sequence[str]] = {
                 VALUES (NEW.name, CASE WHEN NEW.paused THEN 'paused' ELSE 'resumed' END);
         END
         """,
+    ),
+    # Cancel requests (corral.cancel): the lease token of the attempt asked to stop, and why.
+    11: (
+        "ALTER TABLE jobs ADD COLUMN cancel_token TEXT",
+        "ALTER TABLE jobs ADD COLUMN cancel_reason TEXT",
     ),
 }
 

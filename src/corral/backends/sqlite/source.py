@@ -22,6 +22,7 @@ from typing import Any
 
 from corral.backends.base import Claim, PullSource, dead_letter_id, dead_letter_note
 from corral.backends.sqlite import flows, schedules, workers
+from corral.backends.sqlite.cancel import cancel_requests
 from corral.backends.sqlite.database import Database
 from corral.backends.sqlite.metrics import MinuteCounter
 from corral.backends.sqlite.schema import INSERT, trim_finished
@@ -467,6 +468,9 @@ class SQLiteSource(PullSource[int]):
             ),
         )
         self.db.notify(target)
+
+    async def cancel_requests(self, claims: Sequence[Claim[int]]) -> dict[Claim[int], str]:
+        return cancel_requests(self.db, claims)
 
     async def extend(self, claims: Sequence[Claim[int]]) -> list[Claim[int]]:
         now = now_ms()
