@@ -326,6 +326,6 @@ class Dispatcher:
 def _uncancel(task: asyncio.Task[Any] | None) -> int:
     """Take back the cancellation ``service.cancel`` asked of ``task`` (see
     :meth:`Dispatcher.__call__`); return the cancellations still pending."""
-    if task is None or not task.cancelling():
-        return task.cancelling() if task is not None else 0
-    return task.uncancel()
+    if task is None:
+        return 0
+    return task.uncancel() if task.cancelling() else 0
