@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,42 @@ def test_corral_events_prints_what_is_stored(tmp_path: Path) -> None:
     assert (text.returncode, text.stdout) == (0, f"1-1  waiting  job {job_id}\n")
     bad = corral("--since", "x")
     assert bad.returncode == 2 and "is not an event id" in bad.stderr
+
+
+def test_corral_events_follow_prints_new_events_until_interrupted(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    settings = QueueSettings(sqlite_path=str(db))
+
+    async def enqueue() -> str:
+        async with QueueService(settings) as service:
+            return await service.enqueue("hello")
+
+    async def position() -> str:
+        async with QueueService(settings) as service:
+            await service.enqueue("hello")  # before the position: not printed
+            return await newest(service)
+
+    since = asyncio.run(position())
+    follower = subprocess.Popen(
+        [PYTHON, "-m", "corral", "events", "--follow", "--since", since, "--json", "-n", "added"],
+        env=python_env(QUEUE_SQLITE_PATH=str(db)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job_id = asyncio.run(enqueue())
+        assert follower.stdout is not None
+        assert since == "1"  # one row: the first job's added and waiting
+        assert json.loads(follower.stdout.readline()) == {
+            "id": "2-0",
+            "name": "added",
+            "job_id": job_id,
+            "fields": {"name": "hello"},
+        }
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 130
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
