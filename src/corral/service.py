@@ -326,7 +326,7 @@ class QueueService(QueueManagement, QueueResults):
         one private background loop with its own connection, released by :meth:`close`.
         """
         job = self.build_job(name, data, **options)
-        ids: list[str] = self._sync.run(lambda backend: backend.enqueue([job]))
+        ids: list[str] = self._sync.run(lambda backend: self._send([job], backend))
         return ids[0]
 
     def enqueue_many_sync(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -334,7 +334,7 @@ class QueueService(QueueManagement, QueueResults):
         built = self._build_many(jobs)
         if not built:
             return []
-        ids: list[str] = self._sync.run(lambda backend: backend.enqueue(built))
+        ids: list[str] = self._sync.run(lambda backend: self._send(built, backend))
         return ids
 
     def enqueue_in_transaction(self, conn: Any, name: str, data: Any = None, **options: Any) -> str:
@@ -571,8 +571,9 @@ class QueueService(QueueManagement, QueueResults):
         (job_id,) = await self._send([job])
         return job_id
 
-    async def _send(self, jobs: list[NewJob]) -> list[str]:
-        send: Send = self.backend.enqueue  # wrapped by the senders
+    async def _send(self, jobs: list[NewJob], backend: QueueBackend | None = None) -> list[str]:
+        # The sync calls' task runs in a copy of the caller's context: a span there is the parent.
+        send: Send = (backend or self.backend).enqueue  # wrapped by the senders
         for wrap in self.senders:
             send = wrap(send)
         return await send(jobs)
