@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from corral import QueueMessage, QueueService
+from corral import FlowJob, QueueMessage, QueueService
 from corral.telemetry import instrument
 from test_interop import node_args, node_bullmq, run_node  # noqa: F401  (a fixture)
 
@@ -100,6 +100,26 @@ async def test_a_job_continues_its_producers_trace(
     assert failed.context.trace_id == add.context.trace_id
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.status.description == "ValueError: child fails"
+
+
+async def test_a_flow_is_one_producer_span_its_jobs_run_under(
+    make_settings: SettingsFactory, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        instrument(service, tracer_provider=provider)
+        for name in ("assemble", "part"):
+            service.handler(name)(_ok)
+        await service.enqueue_flow(
+            FlowJob("assemble", children=[FlowJob("part", 1), FlowJob("part", 2)])
+        )
+        await run_worker_until(service, finished(service, 3))
+    (add,) = named(exporter, f"addBulk {settings.name}")
+    assert add.attributes is not None and add.attributes["messaging.batch.message_count"] == 3
+    runs = named(exporter, f"process {settings.name}")
+    assert len(runs) == 3
+    assert all(run.parent is not None and run.parent.span_id == add.context.span_id for run in runs)
 
 
 @pytest.mark.parametrize("backend_kind", ["bullmq"])
