@@ -4,9 +4,11 @@ that cross between Node.js BullMQ (with bullmq-otel) and corral."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from corral import QueueMessage, QueueService
+from corral import FlowJob, QueueMessage, QueueService
 from corral.telemetry import instrument
 from test_interop import node_args, node_bullmq, run_node  # noqa: F401  (a fixture)
 
@@ -53,14 +55,18 @@ async def test_a_job_continues_its_producers_trace(
         async def parent(message: QueueMessage) -> None:
             await message.enqueue("child", {"from": message.id})
 
+        service.handler("sync")(_ok)
+
         @service.handler("child")
         async def child(message: QueueMessage) -> None:
             raise ValueError("child fails")
 
         with tracer.start_as_current_span("request") as request:
             job_id = await service.enqueue("parent", {"n": 1})
+        # Synchronous code (a thread, its own span) is traced too.
+        sync_id = await asyncio.to_thread(_enqueue_sync_in_span, service, tracer)
         worker.include(service)  # as `corral worker` gathers a task module's service
-        await run_worker_until(worker, finished(worker, 2))
+        await run_worker_until(worker, finished(worker, 3))
 
     (add,) = named(exporter, f"add {q}.parent")
     assert add.kind == SpanKind.PRODUCER
@@ -69,6 +75,12 @@ async def test_a_job_continues_its_producers_trace(
     assert add.attributes["messaging.destination.name"] == q
     assert add.attributes["messaging.message.id"] == job_id
     assert add.attributes["bullmq.job.name"] == "parent"
+
+    (sync_add,) = named(exporter, f"add {q}.sync")
+    (sync_request,) = named(exporter, "sync request")
+    assert sync_add.parent is not None
+    assert sync_add.parent.span_id == sync_request.context.span_id
+    assert sync_add.attributes is not None and sync_add.attributes["bullmq.job.id"] == sync_id
 
     processed = {
         span.attributes["bullmq.job.name"]: span for span in named(exporter, f"process {q}")
@@ -88,6 +100,26 @@ async def test_a_job_continues_its_producers_trace(
     assert failed.context.trace_id == add.context.trace_id
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.status.description == "ValueError: child fails"
+
+
+async def test_a_flow_is_one_producer_span_its_jobs_run_under(
+    make_settings: SettingsFactory, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    settings = make_settings()
+    async with QueueService(settings) as service:
+        instrument(service, tracer_provider=provider)
+        for name in ("assemble", "part"):
+            service.handler(name)(_ok)
+        await service.enqueue_flow(
+            FlowJob("assemble", children=[FlowJob("part", 1), FlowJob("part", 2)])
+        )
+        await run_worker_until(service, finished(service, 3))
+    (add,) = named(exporter, f"addBulk {settings.name}")
+    assert add.attributes is not None and add.attributes["messaging.batch.message_count"] == 3
+    runs = named(exporter, f"process {settings.name}")
+    assert len(runs) == 3
+    assert all(run.parent is not None and run.parent.span_id == add.context.span_id for run in runs)
 
 
 @pytest.mark.parametrize("backend_kind", ["bullmq"])
@@ -151,3 +183,8 @@ async def test_traces_cross_between_node_and_corral(
 
 async def _ok(message: QueueMessage) -> None:
     return None
+
+
+def _enqueue_sync_in_span(service: QueueService, tracer: Any) -> str:
+    with tracer.start_as_current_span("sync request"):
+        return service.enqueue_sync("sync", {"n": 2})

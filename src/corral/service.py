@@ -15,7 +15,7 @@ from corral.cancel import QueueCancel
 from corral.dedup import Deduplication, check_deduplication
 from corral.errors import ConfigError, MissingDependencyError, PayloadError
 from corral.events import QueueEvents
-from corral.flows import FlowJob, FlowNode, plan_flow, write_flow
+from corral.flows import FlowJob, FlowNode, FlowPlan, plan_flow, write_flow
 from corral.handlers import Dispatcher, Handler, HandlerSpec, HandlerThreads, handler_spec
 from corral.jobs import check_attempts, check_name, new_job
 from corral.manage import QueueManagement
@@ -328,7 +328,7 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
         one private background loop with its own connection, released by :meth:`close`.
         """
         job = self.build_job(name, data, **options)
-        ids: list[str] = self._sync.run(lambda backend: backend.enqueue([job]))
+        ids: list[str] = self._sync.run(lambda backend: self._send([job], backend))
         return ids[0]
 
     def enqueue_many_sync(self, jobs: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -336,7 +336,7 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
         built = self._build_many(jobs)
         if not built:
             return []
-        ids: list[str] = self._sync.run(lambda backend: backend.enqueue(built))
+        ids: list[str] = self._sync.run(lambda backend: self._send(built, backend))
         return ids
 
     def enqueue_in_transaction(self, conn: Any, name: str, data: Any = None, **options: Any) -> str:
@@ -383,13 +383,26 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
                 unusable queue name, more jobs than ``max_flow_jobs``, or a ``job_id`` of a job
                 that already belongs to another flow; nothing was written.
         """
-        return await write_flow(self.backend, plan_flow(self, flow))
+        return await self._send_flow(plan_flow(self, flow), self.backend)
 
     def enqueue_flow_sync(self, flow: FlowJob | Mapping[str, Any]) -> FlowNode:
         """:meth:`enqueue_flow` for synchronous code."""
         plan = plan_flow(self, flow)
-        node: FlowNode = self._sync.run(lambda backend: write_flow(backend, plan))
+        node: FlowNode = self._sync.run(lambda backend: self._send_flow(plan, backend))
         return node
+
+    async def _send_flow(self, plan: FlowPlan, backend: QueueBackend) -> FlowNode:
+        """Write a flow, through the senders when there are (its jobs are traced as one)."""
+        if not self.senders:
+            return await write_flow(backend, plan)
+        written: list[FlowNode] = []
+
+        async def write(jobs: list[NewJob]) -> list[str]:
+            written.append(await write_flow(backend, plan))
+            return [written[0].id]
+
+        await self._send([entry.job for entry in plan.entries], write=write)
+        return written[0]
 
     # -- schedules -------------------------------------------------------------------------
 
@@ -573,8 +586,11 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
         (job_id,) = await self._send([job])
         return job_id
 
-    async def _send(self, jobs: list[NewJob]) -> list[str]:
-        send: Send = self.backend.enqueue  # wrapped by the senders
+    async def _send(
+        self, jobs: list[NewJob], backend: QueueBackend | None = None, *, write: Send | None = None
+    ) -> list[str]:
+        # The sync calls' task runs in a copy of the caller's context: a span there is the parent.
+        send: Send = write or (backend or self.backend).enqueue  # wrapped by the senders
         for wrap in self.senders:
             send = wrap(send)
         return await send(jobs)

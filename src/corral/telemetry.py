@@ -6,8 +6,10 @@ telemetry (``bullmq-otel``) carries it.
 workers alike); spans go to the tracer provider the application set up (the global one unless
 another is passed), so without an SDK they cost next to nothing.
 
-- An enqueue (``enqueue``, ``enqueue_many``, ``message.enqueue``) is a span ``add
-  <queue>.<name>`` (``addBulk <queue>`` for several jobs) of kind PRODUCER. The context of that
+- An enqueue (``enqueue``, ``enqueue_many``, ``enqueue_flow``, their ``_sync`` forms,
+  ``message.enqueue``) is a span ``add <queue>.<name>`` (``addBulk <queue>`` for several jobs,
+  a flow's too) of kind PRODUCER. The
+  context of that
   span is stored with each job: the propagator's headers (W3C ``traceparent``, and ``baggage``
   with the default propagators) as a JSON object, in the job's ``tm`` option on BullMQ (Node's
   ``opts.telemetry.metadata``: exactly what ``bullmq-otel``'s ``getMetadata`` writes) and in the
