@@ -151,7 +151,11 @@ class Database:
         """Checkpoint the WAL in a thread once it grows: automatic checkpoints would run in
         whichever commit crosses the threshold, on the event loop."""
         self._commits += 1
-        if self._commits % _CHECK_WAL_EVERY or self.path == ":memory:":
+        if not self._commits % _CHECK_WAL_EVERY:
+            self._check_wal()
+
+    def _check_wal(self) -> None:
+        if self.path == ":memory:":
             return
         if self._checkpoint is not None and self._checkpoint.is_alive():
             return
@@ -251,7 +255,9 @@ class Database:
         while True:
             try:
                 rows = conn.execute(sql, params).fetchall()
-                self._after_commit()
+                self._commits += 1  # _after_commit, inlined on this hot path
+                if not self._commits % _CHECK_WAL_EVERY:
+                    self._check_wal()
                 return rows
             except sqlite3.OperationalError as exc:
                 if not _is_locked(exc) or time.monotonic() > deadline:
