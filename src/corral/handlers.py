@@ -124,8 +124,15 @@ class HandlerThreads:
     :attr:`overflowing`), since only ending the process frees them.
     """
 
-    def __init__(self, concurrency: int, max_abandoned: int) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        max_abandoned: int,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
         self.max_abandoned = max_abandoned
+        self.on_overflow = on_overflow
+        """Called when a thread abandoned makes the pool :attr:`overflowing`."""
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=concurrency + max_abandoned, thread_name_prefix=HANDLER_THREAD_PREFIX
         )
@@ -161,6 +168,8 @@ class HandlerThreads:
                     self.max_abandoned,
                     extra=job_fields(message),
                 )
+                if self.overflowing and self.on_overflow is not None:
+                    self.on_overflow()
             raise HandlerTimeoutError(
                 f"handler {spec.name!r} ran longer than timeout_s={spec.timeout_s:g}"
             ) from None

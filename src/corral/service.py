@@ -23,8 +23,6 @@ from corral.message import (
     Dispatch,
     JobState,
     NewJob,
-    Outcome,
-    QueueMessage,
     Send,
 )
 from corral.results import QueueResults
@@ -503,18 +501,9 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
         slots = sum(each.concurrency for each in served)
         if total_concurrency is not None:
             slots = min(slots, total_concurrency)
-        threads = HandlerThreads(slots, max_abandoned=max(4, slots))
-        dispatch = Dispatcher(
-            self.handlers,
-            max_payload_bytes=self.settings.max_payload_bytes,
-            safe_integers=self._safe_integers,
-            threads=threads,
-            enqueue=self._enqueue_to,
-        )
 
-        async def run(message: QueueMessage) -> Outcome:
-            outcome = await dispatch(message)
-            if threads.overflowing and self.stuck is None:
+        def overflowed() -> None:  # checked when a thread is abandoned, not once per job
+            if self.stuck is None:
                 self.stuck = (
                     f"{len(threads.abandoned)} synchronous handler threads are still running "
                     "past their timeout_s; stopping this worker so that its process can be "
@@ -522,7 +511,15 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
                 )
                 logger.error("%s", self.stuck)
                 self.stop()
-            return outcome
+
+        threads = HandlerThreads(slots, max_abandoned=max(4, slots), on_overflow=overflowed)
+        dispatch = Dispatcher(
+            self.handlers,
+            max_payload_bytes=self.settings.max_payload_bytes,
+            safe_integers=self._safe_integers,
+            threads=threads,
+            enqueue=self._enqueue_to,
+        )
 
         logger.info(
             "worker started: %s backend=%s handlers=%s",
@@ -536,7 +533,7 @@ class QueueService(QueueManagement, QueueResults, QueueEvents, QueueCancel):
         if not burst and self.periodics:
             writes = periodic_writes(self.backend, self.periodics, self.settings.name, served)
             declared = asyncio.create_task(write_declared(writes, self._build_periodic, self._stop))
-        instrumented: Dispatch = run
+        instrumented: Dispatch = dispatch
         for instrument in self.instruments:
             instrumented = instrument(instrumented)
         try:

@@ -65,9 +65,10 @@ async def consume(
     fetch_next_allowed = total is None or len(queues) == 1
     # Burst mode ends once every queue found nothing to claim since the last settle, with
     # nothing in flight: a job settling in one queue may release a parent (a flow) into
-    # another. ``generation`` counts settles; ``settled`` is set (and replaced) at each.
+    # another. ``generation`` counts settles; ``settled`` is set (and dropped) at each, and
+    # made only when a queue looks for work (not once per settle).
     generation = 0
-    settled = asyncio.Event()
+    settled: asyncio.Event | None = None
     idle_at: dict[_Queue, int] = {}  # the generation at which a queue last found nothing
     drained = asyncio.Event()
     beat_s = max(0.05, min(queue.source.lease_s for queue in queues) / 3)
@@ -92,8 +93,9 @@ async def consume(
                 each.freed.set()
         if burst:
             generation += 1
-            settled.set()
-            settled = asyncio.Event()
+            if settled is not None:
+                settled.set()
+                settled = None
 
     async def settle(claim: Claim[Any], outcome: Outcome) -> None:
         queue = owner.get(claim)
@@ -167,6 +169,7 @@ async def consume(
             await run(claim, task)
 
     async def fetch_loop(queue: _Queue, stop_wait: asyncio.Future[Any]) -> None:
+        nonlocal settled
         source = queue.source
         # Housekeeping first: leases that expired while no worker ran are taken back now.
         await errors.guard(source.maintain(), "housekeeping")
@@ -178,6 +181,8 @@ async def consume(
                 queue.freed.clear()
                 await queue.freed.wait()
                 continue
+            if burst and settled is None:
+                settled = asyncio.Event()
             generation_before, settled_before = generation, settled
             claims = await errors.guard(source.claim(room), "claiming jobs")
             if stop.is_set():
@@ -196,6 +201,7 @@ async def consume(
                     drained.set()  # every queue came up empty after the last settle
                     return
                 # Other queues are busy, or have not looked since a settle: wait for them.
+                assert settled_before is not None
                 await _first(stop_wait, settled_before.wait(), drained.wait())
                 if drained.is_set():
                     return

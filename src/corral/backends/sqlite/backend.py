@@ -62,6 +62,8 @@ _LIST_ORDER = {
 }
 
 _CLEAN_BATCH = 5000
+_INSERT_ONE = INSERT + " ON CONFLICT DO NOTHING RETURNING seq"
+"""One job; a job id that exists already keeps its job (and gives no ``seq``)."""
 """Jobs deleted per write transaction by ``clean``: each holds the write lock only briefly."""
 
 
@@ -104,15 +106,15 @@ class SQLiteBackend(PullBackend):
 
     async def enqueue(self, jobs: Sequence[NewJob]) -> list[str]:
         now = now_ms()
-        rows = [self._row(job, now) for job in jobs]
-        deduplicated = any(job.deduplication is not None for job in jobs)
-        if len(rows) == 1 and not deduplicated:
-            row = rows[0]
-            found = await self.db.statement(INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
+        if len(jobs) == 1 and jobs[0].deduplication is None:  # the common case, kept short
+            row = job_row(jobs[0], self.queue_name, now)
+            found = await self.db.statement(_INSERT_ONE, row)
             self.db.notify(row[0])
             if row[1] is not None:
                 return [row[1]]  # custom id: inserted now, or the existing job's
             return [str(found[0][0])]
+        rows = [job_row(job, self.queue_name, now) for job in jobs]
+        deduplicated = any(job.deduplication is not None for job in jobs)
 
         def insert(conn: sqlite3.Connection) -> list[str]:
             if not deduplicated and all(row[1] is None for row in rows):
@@ -128,7 +130,7 @@ class SQLiteBackend(PullBackend):
                 if job.deduplication is not None:
                     ids.append(insert_deduplicated(conn, row, job.deduplication, now))
                     continue
-                found = conn.execute(INSERT + " ON CONFLICT DO NOTHING RETURNING seq", row)
+                found = conn.execute(_INSERT_ONE, row)
                 inserted = found.fetchone()
                 if inserted is not None:
                     ids.append(row[1] if row[1] is not None else str(inserted[0]))

@@ -155,12 +155,17 @@ class Database:
         once it grows: automatic checkpoints would run in whichever commit crosses the
         threshold, on the event loop."""
         self._commits += 1
-        if self._commits % _CHECK_WAL_EVERY:
-            return
+        if not self._commits % _CHECK_WAL_EVERY:
+            self._every_so_often(conn)
+
+    def _every_so_often(self, conn: sqlite3.Connection) -> None:
         # Trimmed here rather than by a trigger: a trigger on ``events`` would slow down every
         # write that adds an event. Locked by another process: the next round trims.
         with contextlib.suppress(sqlite3.Error):
             conn.execute(TRIM_EVENTS, (self.events_max_len,))
+        self._check_wal()
+
+    def _check_wal(self) -> None:
         if self.path == ":memory:":
             return
         if self._checkpoint is not None and self._checkpoint.is_alive():
@@ -261,7 +266,9 @@ class Database:
         while True:
             try:
                 rows = conn.execute(sql, params).fetchall()
-                self._after_commit(conn)
+                self._commits += 1  # _after_commit, inlined on this hot path
+                if not self._commits % _CHECK_WAL_EVERY:
+                    self._every_so_often(conn)
                 return rows
             except sqlite3.OperationalError as exc:
                 if not _is_locked(exc) or time.monotonic() > deadline:
