@@ -464,3 +464,74 @@ class ScheduleInfo:
             and (self.priority, self.attempts, self.backoff)
             == (job.priority, job.attempts, job.backoff)
         )
+
+
+class QueueSchedules:
+    """A queue's schedules; :class:`~corral.service.QueueService` inherits them."""
+
+    build_job: Callable[..., NewJob]
+
+    @property
+    def backend(self) -> QueueBackend:
+        raise NotImplementedError
+
+    def build_schedule(
+        self, schedule_id: str, name: str, data: Any = None, **options: Any
+    ) -> NewSchedule:
+        """Check a schedule (:meth:`schedule`'s arguments); raise before anything is written."""
+        return build_schedule(schedule_id, name, data, self.build_job, options)
+
+    async def schedule(
+        self,
+        schedule_id: str,
+        name: str,
+        data: Any = None,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        tz: str | None = None,
+        limit: int | None = None,
+        start_at: datetime | None = None,
+        end_at: datetime | None = None,
+        **options: Any,
+    ) -> ScheduleInfo:
+        """Create or replace the schedule ``schedule_id``: jobs ``name`` with ``data``, one per
+        time slot, while a worker of the queue runs; return it as stored.
+
+        Exactly one of ``cron`` (5 fields, or 6 with the second first, as Node.js BullMQ reads
+        them; in ``tz``, UTC by default) and ``every_s`` (the first run is now, or at
+        ``start_at``). ``limit`` caps the runs counted from this call; ``start_at`` and
+        ``end_at`` (aware datetimes) bound them; ``options`` are :meth:`enqueue`'s
+        (``priority``, ``attempts``, ``backoff``), for every job. Writing it again replaces it;
+        an unchanged interval keeps its phase. See :mod:`corral.schedules`.
+
+        Raises:
+            ConfigError: a bad id, cron pattern (naming the field), zone, interval, limit or
+                dates; PayloadError: bad data or job options. Nothing was written.
+        """
+        rule: dict[str, Any] = {"cron": cron, "every_s": every_s, "tz": tz, "limit": limit}
+        rule.update(start_at=start_at, end_at=end_at)
+        built = self.build_schedule(schedule_id, name, data, **rule, **options)
+        await self.backend.upsert_schedule(built)
+        (stored,) = await self.backend.list_schedules(schedule_id)
+        return stored
+
+    async def unschedule(self, schedule_id: str) -> bool:
+        """Delete a schedule and its pending job (a job of it already running finishes);
+        ``False`` if there was none."""
+        return await self.backend.remove_schedule(schedule_id)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """The queue's schedules, the next to run first (Node.js BullMQ's job schedulers
+        included)."""
+        return await self.backend.list_schedules()
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleInfo | None:
+        """The schedule ``schedule_id``, or ``None``."""
+        found = await self.backend.list_schedules(schedule_id)
+        return found[0] if found else None
+
+    def _build_periodic(self, declared: Periodic) -> NewSchedule:
+        return self.build_schedule(
+            declared.schedule_id, declared.name, declared.data, **declared.options
+        )
