@@ -143,6 +143,9 @@ async def test_wait_for_outlasts_a_killed_worker(
     settings = make_settings(lease_s=1.0)
     out = tmp_path / "trace"
     async with QueueService(settings) as service:
+        feed = await service.backend.open_events()
+        since = await feed.last_id()
+        await feed.aclose()
         # Its first run sleeps until the worker is killed; the redelivery returns at once.
         job = await service.enqueue("sleep", {"out": str(out), "seconds": 60, "once": True})
         waiting = asyncio.create_task(service.wait_for(job, timeout_s=40))
@@ -158,6 +161,9 @@ async def test_wait_for_outlasts_a_killed_worker(
             "start",
             "end",
         ]
+        # The same events on both backends, in the order of BullMQ's stalled-job check.
+        names = [e.name async for e in service.events(since, follow=False) if e.job_id == job]
+        assert names == ["added", "waiting", "active", "waiting", "stalled", "active", "completed"]
 
 
 async def until(condition: Any, timeout_s: float = 20.0) -> None:

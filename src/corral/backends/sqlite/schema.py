@@ -7,9 +7,27 @@ from collections.abc import Sequence
 
 from corral.errors import BackendError
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 _JOB_ID = "coalesce(NEW.custom_id, NEW.seq)"
+
+# Two triggers of the events (migration 10), written again by migration 12 to change the order
+# SQLite runs them in.
+_EVENT_STATE = f"""
+        CREATE TRIGGER jobs_event_state AFTER UPDATE OF state ON jobs
+        WHEN NEW.state IS NOT OLD.state BEGIN
+            INSERT INTO events (queue, name, job_id, prev, value)
+                VALUES (NEW.queue, NEW.state, {_JOB_ID}, OLD.state, CASE NEW.state
+                    WHEN 'completed' THEN NEW.result WHEN 'failed' THEN NEW.error
+                    WHEN 'delayed' THEN NEW.run_at END);
+        END
+        """
+_EVENT_STALLED = f"""
+        CREATE TRIGGER jobs_event_stalled AFTER UPDATE OF stalls ON jobs
+        WHEN NEW.stalls > OLD.stalls BEGIN
+            INSERT INTO events (queue, name, job_id) VALUES (NEW.queue, 'stalled', {_JOB_ID});
+        END
+        """
 
 MIGRATIONS: dict[int, Sequence[str]] = {
     1: (
@@ -196,8 +214,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
         END
         """,
         # SQLite runs the triggers of one change newest first: 'retries-exhausted' is created
-        # before 'failed' so that it comes after it, 'stalled' after the state's so before it.
-        # Separate triggers with WHEN clauses cost a plain change nothing but the WHEN.
+        # before 'failed' so that it comes after it ('stalled': see migration 12). Separate
+        # triggers with WHEN clauses cost a plain change nothing but the WHEN.
         f"""
         CREATE TRIGGER jobs_event_exhausted AFTER UPDATE OF state ON jobs
         WHEN NEW.state = 'failed' AND OLD.state = 'active'
@@ -206,21 +224,8 @@ MIGRATIONS: dict[int, Sequence[str]] = {
                 VALUES (NEW.queue, 'retries-exhausted', {_JOB_ID}, NEW.attempts_made);
         END
         """,
-        f"""
-        CREATE TRIGGER jobs_event_state AFTER UPDATE OF state ON jobs
-        WHEN NEW.state IS NOT OLD.state BEGIN
-            INSERT INTO events (queue, name, job_id, prev, value)
-                VALUES (NEW.queue, NEW.state, {_JOB_ID}, OLD.state, CASE NEW.state
-                    WHEN 'completed' THEN NEW.result WHEN 'failed' THEN NEW.error
-                    WHEN 'delayed' THEN NEW.run_at END);
-        END
-        """,
-        f"""
-        CREATE TRIGGER jobs_event_stalled AFTER UPDATE OF stalls ON jobs
-        WHEN NEW.stalls > OLD.stalls BEGIN
-            INSERT INTO events (queue, name, job_id) VALUES (NEW.queue, 'stalled', {_JOB_ID});
-        END
-        """,
+        _EVENT_STATE,
+        _EVENT_STALLED,
         f"""
         CREATE TRIGGER jobs_event_progress AFTER UPDATE OF progress ON jobs
         WHEN NEW.state = 'active' AND NEW.progress IS NOT NULL BEGIN
@@ -252,6 +257,15 @@ MIGRATIONS: dict[int, Sequence[str]] = {
     11: (
         "ALTER TABLE jobs ADD COLUMN cancel_token TEXT",
         "ALTER TABLE jobs ADD COLUMN cancel_reason TEXT",
+    ),
+    # SQLite runs the triggers of one change newest first: 'stalled' is created again before
+    # the state's trigger, so that a stalled job's 'waiting' comes before its 'stalled', as
+    # BullMQ's stalled-job check writes them.
+    12: (
+        "DROP TRIGGER jobs_event_state",
+        "DROP TRIGGER jobs_event_stalled",
+        _EVENT_STALLED,
+        _EVENT_STATE,
     ),
 }
 
