@@ -206,13 +206,19 @@ async def test_unreadable_rows_fail_and_the_worker_goes_on(tmp_path: Path) -> No
                 "VALUES ('q', 'ok', ?, 'waiting', ?, ?)",
                 (data, now, now),
             )
+        # Text where a number belongs, claimed in one batch with readable jobs.
+        conn.execute(
+            "INSERT INTO jobs (queue, name, data, state, priority, run_at, enqueued_at) "
+            "VALUES ('q', 'ok', '3', 'waiting', 'high', ?, ?)",
+            (now, now),
+        )
         conn.commit()
         conn.close()
         last = await service.enqueue("ok", 2)
         await service.start_worker(burst=True)
         assert ran == [1, 2]
         counts = await service.counts()
-        assert counts[JobState.FAILED] == 2 and counts[JobState.COMPLETED] == 2
+        assert counts[JobState.FAILED] == 3 and counts[JobState.COMPLETED] == 2
         for job in await service.list_jobs("failed"):
             assert (job.error or "").startswith("unreadable job:")
         assert {first, last} <= {j.id for j in await service.list_jobs("completed")}

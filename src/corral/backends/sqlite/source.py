@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import logging
+import operator
 import secrets
 import sqlite3
 import time
@@ -87,6 +88,9 @@ def to_datetime(ms: Any) -> datetime | None:
         return datetime.fromtimestamp(ms / 1000, UTC)
     except (OverflowError, ValueError, OSError):  # out of datetime's range
         return None
+
+
+_CLAIM_ORDER = operator.itemgetter(6, 9, 0)
 
 
 def _int_or_zero(value: Any) -> int:
@@ -167,9 +171,12 @@ class SQLiteSource(PullSource[int]):
         return rows
 
     def _claims(self, rows: list[Any], token: str) -> list[Claim[int]]:
-        # A foreign row may hold text where numbers belong: it must not break the sort (and
-        # with it the whole batch); _claim fails it as unreadable.
-        rows.sort(key=lambda r: (_int_or_zero(r[6]), _int_or_zero(r[9]), r[0]))
+        # Priority, run_at, seq. A foreign row may hold text where numbers belong: it must not
+        # break the sort (and with it the whole batch); _claim fails it as unreadable.
+        try:
+            rows.sort(key=_CLAIM_ORDER)
+        except TypeError:
+            rows.sort(key=lambda r: (_int_or_zero(r[6]), _int_or_zero(r[9]), r[0]))
         return [self._claim(row, token) for row in rows]
 
     def _claim(self, row: Sequence[Any], token: str) -> Claim[int]:
