@@ -135,23 +135,31 @@ async def test_four_processes_complete_every_job_exactly_once(tmp_path: Path) ->
     db, ledger = tmp_path / "q.db", tmp_path / "ledger"
     total = 5000
     async with QueueService(sqlite_settings(db)) as service:
-        await service.enqueue("record", {})  # creates the schema before the workers race
-        for start in range(0, total - 1, 1000):
-            await service.enqueue_many(
-                [
-                    {"name": "record", "data": {"n": i}}
-                    for i in range(start, min(total - 1, start + 1000))
-                ]
-            )
+        await service.counts()  # creates the schema before the workers race
+        # All four are up and polling before the first job exists (on a busy machine a worker
+        # that starts late would otherwise find the queue drained and prove nothing).
         procs = [
-            start_worker(
-                db, ledger, burst=True, QUEUE_CONCURRENCY="20", QUEUE_KEEP_COMPLETED="none"
-            )
+            start_worker(db, ledger, QUEUE_CONCURRENCY="20", QUEUE_KEEP_COMPLETED="none")
             for _ in range(4)
         ]
-        for proc in procs:
-            assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
+        try:
+            wait_for(
+                lambda: sum(r[0] == "ready" for r in read_ledger(ledger)) == 4, 60, "4 workers"
+            )
+            for start in range(0, total, 1000):
+                await service.enqueue_many(
+                    [{"name": "record", "data": {"n": i}} for i in range(start, start + 1000)]
+                )
+            deadline = time.monotonic() + 120
+            while (await service.counts())[JobState.COMPLETED] < total:
+                assert time.monotonic() < deadline, "the four workers did not finish the jobs"
+                await asyncio.sleep(0.1)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            codes = [proc.wait(30) for proc in procs]
         counts = await service.counts()
+    assert codes == [0, 0, 0, 0], [p.stderr.read() if p.stderr else "" for p in procs]
     assert counts[JobState.COMPLETED] == total
     assert counts[JobState.WAITING] == counts[JobState.ACTIVE] == counts[JobState.FAILED] == 0
     rows = read_ledger(ledger)
