@@ -1,23 +1,25 @@
 """Pipelined writes to Redis: pre-packed commands over one dedicated connection.
 
-The one module that uses redis-py's private API (a connection's ``_writer`` and
-``read_response``), so a redis-py upgrade that changes it touches this file only.
+The one module that uses redis-py's private API (a connection's ``_writer``, its parser's error
+mapping), so a redis-py upgrade that changes it touches this file only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import deque
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis._parsers.base import BaseParser
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import SentinelManagedConnection
 
 COMMAND_TIMEOUT_S = 30.0
-"""A reply later than this: the connection is dropped and its calls fail."""
+"""No reply for this long while calls wait: the connection is dropped and its calls fail."""
 
 
 def bulk(value: Any) -> bytes:
@@ -43,8 +45,12 @@ def pack_command(*args: Any) -> bytes:
 
 class Wire:
     """Pre-packed commands over one dedicated connection, as ioredis carries Node's: a call is
-    written at once, one reader task takes the replies in order. No connection pool, no
+    written at once, and its replies are parsed (by hiredis) as their bytes arrive and handed to
+    the caller's future from the transport's callback: no reader task, no stream, no
     per-command encoding, no round trip waited out before the next call is sent.
+
+    redis-py makes the connection (TLS, AUTH, SELECT, CLIENT SETNAME, the Sentinel's primary);
+    then :class:`_Replies` takes over the reading side of its transport.
 
     A lost connection fails every call in flight with ConnectionError; :meth:`execute` sends a
     call again once on a new connection, as redis-py retries a command on a dropped connection.
@@ -52,29 +58,22 @@ class Wire:
 
     def __init__(self, client: aioredis.Redis) -> None:
         pool = client.connection_pool
-        # No socket timeout on the connection: the reader times each batch of replies instead.
+        # No socket timeout on the connection: a watchdog times the replies instead.
         self._options = {**pool.connection_kwargs, "socket_timeout": None}
         self._connection_class = pool.connection_class
         self._connection: AbstractConnection | None = None
+        self._replies: _Replies | None = None
         self._connecting = asyncio.Lock()
-        self._waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
-        self._more: asyncio.Future[None] | None = None  # the idle reader waits on it
-        self._reader: asyncio.Task[None] | None = None
 
     def submit(self, commands: list[bytes]) -> asyncio.Future[list[Any]] | None:
         """Write ``commands`` now; the future gets their replies (an error reply in its place).
         ``None`` when not connected: use :meth:`execute`."""
-        connection = self._connection
-        writer = connection._writer if connection is not None else None
-        if connection is None or writer is None or writer.is_closing():
+        replies = self._replies
+        if replies is None or replies.lost:
             return None
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        writer.writelines(commands)
-        self._waiting.append((len(commands), future))
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read(connection))
-        elif self._more is not None and not self._more.done():
-            self._more.set_result(None)
+        future: asyncio.Future[list[Any]] = replies.loop.create_future()
+        replies.expect(len(commands), future)
+        replies.transport.writelines(commands)
         return future
 
     async def execute(self, commands: list[bytes], *, retry: bool = True) -> list[Any]:
@@ -96,68 +95,130 @@ class Wire:
                     raise
         raise AssertionError("unreachable")
 
-    async def _read(self, connection: AbstractConnection) -> None:
-        waiting = self._waiting
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not waiting:
-                    self._more = loop.create_future()
-                    await self._more
-                    continue
-                count, future = waiting[0]
-                replies: list[Any] = []
-                async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                    for _ in range(count):
-                        try:
-                            replies.append(await connection.read_response(timeout=math.inf))
-                        except redis_errors.ResponseError as exc:
-                            replies.append(exc)
-                waiting.popleft()
-                if not future.done():  # not cancelled by its caller
-                    future.set_result(replies)
-        except BaseException as exc:
-            # The stream is gone or out of step: no later reply on it can be trusted.
-            if isinstance(exc, TimeoutError):
-                failure: Exception = redis_errors.TimeoutError(
-                    f"Redis did not answer within {COMMAND_TIMEOUT_S:g} s"
-                )
-            elif isinstance(exc, redis_errors.ConnectionError):
-                failure = exc
-            else:
-                failure = redis_errors.ConnectionError(f"connection to Redis lost: {exc!r}")
-            self._drop(connection, failure)
+    def _drop(self, replies: _Replies, failure: Exception) -> None:
+        """Fail the calls waiting on ``replies``' connection and forget it."""
+        replies.fail(failure)
+        if self._replies is not replies:
+            return
+        connection = self._connection
+        self._replies = self._connection = None
+        if connection is not None and connection._writer is not None:
+            connection._writer.transport.abort()
+
+    async def _connect(self) -> None:
+        async with self._connecting:
+            if self._replies is not None and not self._replies.lost:
+                return
+            connection = self._connection_class(**self._options)
+            await connection.connect()  # type: ignore[no-untyped-call]
+            writer = connection._writer
+            assert writer is not None
+            self._connection = connection
+            self._replies = _Replies(self, writer.transport, self._options)
+
+    async def aclose(self) -> None:
+        connection, replies = self._connection, self._replies
+        if replies is not None:
+            self._drop(replies, redis_errors.ConnectionError("the backend was closed"))
+        if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.disconnect(nowait=True)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
 
-    def _drop(self, connection: AbstractConnection, failure: Exception) -> None:
-        if self._connection is not connection:
-            return
-        self._connection = None
-        self._reader = None
-        self._more = None
+
+class _Replies(asyncio.Protocol):
+    """The reading side of a Wire's connection: bytes in, replies out to the waiting futures in
+    the order their commands were written. Flow control and the connection's end also go on to
+    the transport's own protocol, so redis-py's writer can still drain and close."""
+
+    def __init__(self, wire: Wire, transport: Any, options: dict[str, Any]) -> None:
+        self.wire = wire
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.sentinel = issubclass(wire._connection_class, SentinelManagedConnection)
+        encoding = options.get("encoding", "utf-8") if options.get("decode_responses") else None
+        self._reader = hiredis.Reader(
+            encoding=encoding,
+            errors=options.get("encoding_errors", "strict"),
+            replyError=BaseParser.parse_error,
+        )
+        self._waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
+        self._batch: list[Any] = []
+        self._received = 0  # replies parsed, for the watchdog
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.lost = False
+        self._original = transport.get_protocol()
+        transport.set_protocol(self)
+
+    def expect(self, count: int, future: asyncio.Future[list[Any]]) -> None:
+        self._waiting.append((count, future))
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_later(COMMAND_TIMEOUT_S, self._check, self._received)
+
+    def data_received(self, data: bytes) -> None:
+        reader, waiting, batch = self._reader, self._waiting, self._batch
+        reader.feed(data)
+        try:
+            while (reply := reader.gets()) is not False:
+                self._received += 1
+                if isinstance(reply, redis_errors.ConnectionError):
+                    raise reply  # LOADING, MASTERDOWN...: as redis-py, the connection is dropped
+                if self.sentinel and isinstance(reply, redis_errors.ReadOnlyError):
+                    # The primary was demoted: a new connection asks the sentinels again.
+                    raise redis_errors.ConnectionError("the previous primary is now a replica")
+                if not waiting:
+                    raise redis_errors.ConnectionError("Redis sent a reply nobody asked for")
+                batch.append(reply)
+                count, future = waiting[0]
+                if len(batch) == count:
+                    waiting.popleft()
+                    done, batch = batch, []
+                    self._batch = batch
+                    if not future.done():  # not cancelled by its caller
+                        future.set_result(done)
+        except (redis_errors.ConnectionError, hiredis.ProtocolError) as exc:
+            failure = (
+                exc
+                if isinstance(exc, redis_errors.ConnectionError)
+                else redis_errors.ConnectionError(f"unreadable reply from Redis: {exc}")
+            )
+            self.wire._drop(self, failure)
+
+    def eof_received(self) -> bool | None:
+        self.wire._drop(self, redis_errors.ConnectionError("Connection closed by server."))
+        return self._original.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        failure = redis_errors.ConnectionError(
+            f"connection to Redis lost: {exc!r}" if exc else "Connection closed by server."
+        )
+        self.wire._drop(self, failure)
+        self._original.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._original.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._original.resume_writing()
+
+    def fail(self, failure: Exception) -> None:
+        """Fail every waiting call; this connection takes no more."""
+        self.lost = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         waiting, self._waiting = self._waiting, deque()
         for _, future in waiting:
             if not future.done():
                 future.set_exception(failure)
 
-    async def _connect(self) -> None:
-        async with self._connecting:
-            if self._connection is None or self._connection._writer is None:
-                connection = self._connection_class(**self._options)
-                await connection.connect()  # type: ignore[no-untyped-call]
-                self._connection = connection
-
-    async def aclose(self) -> None:
-        connection, reader = self._connection, self._reader
-        if connection is not None:
-            self._drop(connection, redis_errors.ConnectionError("the backend was closed"))
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.disconnect()
+    def _check(self, received_before: int) -> None:
+        self._watchdog = None
+        if not self._waiting or self.lost:
+            return
+        if self._received == received_before:
+            self.wire._drop(
+                self,
+                redis_errors.TimeoutError(f"Redis did not answer within {COMMAND_TIMEOUT_S:g} s"),
+            )
+            return
+        self._watchdog = self.loop.call_later(COMMAND_TIMEOUT_S, self._check, self._received)
