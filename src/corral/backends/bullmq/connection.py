@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -168,43 +168,43 @@ class RedisStore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), CLOSE_TIMEOUT_S)
 
-    @contextlib.contextmanager
-    def errors(self, doing: str) -> Iterator[None]:
+    def errors(self, doing: str) -> _DriverErrors:
         """Raise Redis driver errors as corral's, naming the server without its password."""
-        try:
-            yield
-        except redis_errors.AuthenticationError as exc:
-            raise BackendAuthError(
-                f"Redis at {self.where} refused the credentials while {doing} ({exc}); "
-                "check the user and password in QUEUE_REDIS_URL"
-            ) from exc
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        return _DriverErrors(self, doing)
+
+    def translate(self, exc: Exception, doing: str) -> None:
+        """Raise ``exc``, if it is a Redis driver error, as corral's (a BackendError); return
+        for any other error (the caller's ``with`` then lets it through)."""
+        where = self.where
+        credentials = (
+            f"Redis at {where} refused the credentials while {doing} ({exc}); "
+            "check the user and password in QUEUE_REDIS_URL"
+        )
+        if isinstance(exc, redis_errors.AuthenticationError):
+            raise BackendAuthError(credentials) from exc
+        if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
             refused = _certificate_error(exc)
             if refused is not None:
                 raise BackendConnectionError(
-                    f"TLS certificate verification failed for Redis at {self.where} while "
+                    f"TLS certificate verification failed for Redis at {where} while "
                     f"{doing} ({refused.verify_message}); check that the server's certificate "
                     "names the host in QUEUE_REDIS_URL and give the CA that signed it in the "
                     "URL: rediss://...?ssl_ca_certs=/path/to/ca.pem"
                 ) from exc
             raise BackendConnectionError(
-                f"cannot reach Redis at {self.where} while {doing} ({exc}); check "
+                f"cannot reach Redis at {where} while {doing} ({exc}); check "
                 "QUEUE_REDIS_URL and that Redis is running"
             ) from exc
-        except redis_errors.ResponseError as exc:
+        if isinstance(exc, redis_errors.ResponseError):
             if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-                raise BackendAuthError(
-                    f"Redis at {self.where} refused the credentials while {doing} ({exc}); "
-                    "check the user and password in QUEUE_REDIS_URL"
-                ) from exc
+                raise BackendAuthError(credentials) from exc
             if "CROSSSLOT" in str(exc):
                 raise BackendError(
                     f"Redis Cluster refused keys of several slots in one call while {doing} "
                     f"({exc}); every queue used together (a flow's, a dead-letter queue) must "
                     "share one hash-tagged prefix, e.g. QUEUE_PREFIX={bull}"
                 ) from exc
-            raise BackendError(f"Redis error while {doing}: {exc}") from exc
-        except redis_errors.RedisError as exc:
+        if isinstance(exc, redis_errors.RedisError):
             raise BackendError(f"Redis error while {doing}: {exc}") from exc
 
     # -- running scripts -------------------------------------------------------------------
@@ -352,6 +352,23 @@ class RedisStore:
         for script, loaded in zip(scripts, present, strict=True):
             if not loaded:
                 await client.script_load(script.script)
+
+
+class _DriverErrors:
+    """The context of :meth:`RedisStore.errors` (a class: it wraps every call on hot paths)."""
+
+    __slots__ = ("doing", "store")
+
+    def __init__(self, store: RedisStore, doing: str) -> None:
+        self.store = store
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
+        if exc is not None and isinstance(exc, Exception):
+            self.store.translate(exc, self.doing)
 
 
 class AutoPipeline:

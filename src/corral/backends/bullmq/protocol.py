@@ -138,6 +138,7 @@ def declared_key_count(name: str) -> int:
     return int(match.group(1))
 
 
+@cache  # a handful of constant lists, split once rather than on every call
 def _names(text: str) -> tuple[str, ...]:
     """Key names of a script's KEYS, in its order, from a space-separated list."""
     return tuple(text.split())
