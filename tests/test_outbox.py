@@ -439,6 +439,12 @@ async def test_several_relays_move_each_row_once(
                     stderr=subprocess.PIPE,
                 )
             )
+        for process in relays:  # a SIGTERM before its handler is installed would kill it
+            assert process.stderr is not None
+            line = b""
+            while b"relay started" not in line:
+                line = await asyncio.wait_for(process.stderr.readline(), 60)
+                assert line, "a relay exited before it started"
         deadline = time.monotonic() + 120
         while outbox_count(dialect, url, table) or await total(service) < count:
             assert time.monotonic() < deadline, "the relays did not empty the outbox"

@@ -302,6 +302,22 @@ class _SQLiteStore(_Store):
         return _rows(found)
 
     def _settle(self, rows: list[OutboxRow], token: str, bad: dict[int, str]) -> None:
+        # The jobs are in the queue now: a delete refused by a passing lock (another
+        # connection checkpointing or opening the file) is retried, not left to the lease,
+        # after which another round would push the rows again.
+        pause = 0.0002
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                self._delete(rows, token, bad)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.02)
+
+    def _delete(self, rows: list[OutboxRow], token: str, bad: dict[int, str]) -> None:
         conn = self._connect()
         done = [row.row_id for row in rows if row.row_id not in bad]
         self._begin(conn)
