@@ -1999,6 +1999,3 @@ def bench_command(
     if not ok:
         raise typer.Exit(1)
 
-
-if __name__ == "__main__":
-    runner_main()
