@@ -22,8 +22,6 @@ from corral.tools.bench.model import (
 )
 from corral.tools.limits import LIMIT_LABELS
 
-# -- checks and the report ----------------------------------------------------------------------
-
 
 def _fmt_rate(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f}"
