@@ -4,7 +4,9 @@ and ARGV. A bullmq upgrade that moves a key or an argument fails here first."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,6 +17,7 @@ import redis.asyncio as aioredis
 from bullmq.redis_connection import RedisConnection
 from bullmq.scripts import Scripts
 
+import corral
 from corral.backends.bullmq.protocol import (
     LIB_VERSION,
     SCRIPT_FILES,
@@ -261,3 +264,22 @@ def test_next_job_replies_are_read_as_the_package_reads_them() -> None:
     )
     assert parse_next_job([0, 0, 250, 0]).limit_ms == 250
     assert parse_next_job([0, 0, 0, "1700000000123"]).delay_until_ms == 1700000000123
+
+
+def test_only_the_protocol_package_imports_the_bullmq_package() -> None:
+    src = Path(corral.__file__).parent
+    fence = src / "backends" / "bullmq" / "protocol"
+    importers: set[str] = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            if any(module.partition(".")[0] == "bullmq" for module in modules):
+                importers.add(path.relative_to(src).as_posix())
+    assert importers, "the protocol package no longer imports bullmq: is this test still right?"
+    outside = sorted(name for name in importers if not (src / name).is_relative_to(fence))
+    assert outside == [], f"only corral/backends/bullmq/protocol/ may import bullmq: {outside}"
