@@ -9,17 +9,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from corral.message import Child, ChildStatus, JobInfo, JobState
-
-# Shown in this order: where jobs are now, then where they ended.
-STATE_ORDER = (
-    JobState.ACTIVE,
-    JobState.WAITING,
-    JobState.WAITING_CHILDREN,
-    JobState.DELAYED,
-    JobState.FAILED,
-    JobState.COMPLETED,
-)
+from corral.message import STATE_ORDER, Child, ChildStatus, JobInfo, JobState
 
 
 def counts_table(counts: dict[JobState, int]) -> Table:

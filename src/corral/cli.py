@@ -30,7 +30,6 @@ from corral._cli_workers import register as register_worker_commands
 from corral._cliutil import PASS_ARGUMENTS, CliState, corral_errors, fail, run_tool_command
 from corral._cliutil import cli_state as _state
 from corral._cliviews import (
-    STATE_ORDER,
     attempts_text,
     child_to_dict,
     children_table,
@@ -41,7 +40,7 @@ from corral._cliviews import (
 )
 from corral.errors import ConfigError, CorralError, JobNotFoundError
 from corral.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from corral.message import Child, JobInfo, JobState
+from corral.message import STATE_ORDER, Child, JobInfo, JobState
 from corral.service import QueueService
 from corral.settings import QueueSettings
 from corral.worker import (

@@ -29,6 +29,17 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
 
 
+STATE_ORDER = (
+    JobState.ACTIVE,
+    JobState.WAITING,
+    JobState.WAITING_CHILDREN,
+    JobState.DELAYED,
+    JobState.FAILED,
+    JobState.COMPLETED,
+)
+"""The order states are shown in (CLI, dashboard): where jobs are now, then where they ended."""
+
+
 @dataclass(slots=True)  # not frozen: frozen dataclasses cost a setattr call per field
 class NewJob:
     """A validated job about to be written by :meth:`QueueBackend.enqueue`.

@@ -210,6 +210,22 @@ async def _until(stop: asyncio.Event, waiting: Awaitable[None]) -> None:
             await wait
 
 
+def _while_locked(fn: Callable[[], object]) -> None:
+    """Run ``fn``, again while another connection holds the SQLite file's lock: short pauses
+    first (the application's transactions are short), growing to 20 ms, for up to a minute."""
+    pause = 0.0002
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.02)
+
+
 def _rows(found: Sequence[Sequence[Any]]) -> list[OutboxRow]:
     return [OutboxRow(*row) for row in found]
 
@@ -252,19 +268,8 @@ class _SQLiteStore(_Store):
         return self._conn
 
     def _begin(self, conn: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE, retried while the application holds the write lock: short pauses
-        first (its transactions are short), growing to 20 ms, for up to a minute."""
-        pause = 0.0002
-        deadline = time.monotonic() + 60.0
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 1.5, 0.02)
+        """BEGIN IMMEDIATE, retried while the application holds the write lock."""
+        _while_locked(lambda: conn.execute("BEGIN IMMEDIATE"))
 
     async def relay_batch(self, limit: int, push: Push) -> int:
         token = secrets.token_hex(8)
@@ -305,17 +310,7 @@ class _SQLiteStore(_Store):
         # The jobs are in the queue now: a delete refused by a passing lock (another
         # connection checkpointing or opening the file) is retried, not left to the lease,
         # after which another round would push the rows again.
-        pause = 0.0002
-        deadline = time.monotonic() + 60.0
-        while True:
-            try:
-                self._delete(rows, token, bad)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 1.5, 0.02)
+        _while_locked(lambda: self._delete(rows, token, bad))
 
     def _delete(self, rows: list[OutboxRow], token: str, bad: dict[int, str]) -> None:
         conn = self._connect()

@@ -397,6 +397,11 @@ def is_loopback_url(url: str) -> bool:
         host = urlsplit(url).hostname or ""
     except ValueError:
         return False
+    return is_loopback_host(host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine: 127.0.0.0/8, ::1 or localhost."""
     if host == "localhost":
         return True
     try:

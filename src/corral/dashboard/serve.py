@@ -3,7 +3,6 @@ command runs, as ``corral bench`` is)."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Annotated
 
@@ -12,7 +11,7 @@ import typer
 from corral._cliutil import cli_state, corral_errors
 from corral.dashboard import DASHBOARD_EXTRA_HINT, create_app
 from corral.errors import MissingDependencyError
-from corral.settings import QueueSettings
+from corral.settings import QueueSettings, is_loopback_host
 
 logger = logging.getLogger("corral.dashboard")
 
@@ -36,7 +35,7 @@ def serve_dashboard(
             f"{DASHBOARD_EXTRA_HINT}"
         ) from exc
     protected = settings.dashboard_user is not None
-    if not _is_loopback(host) and not protected:
+    if not is_loopback_host(host) and not protected:
         logger.warning(
             "the dashboard listens on %s without a password: anyone who reaches it can see "
             "every job%s; set QUEUE_DASHBOARD_USER and QUEUE_DASHBOARD_PASSWORD",
@@ -62,15 +61,6 @@ def serve_dashboard(
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def dashboard_command(

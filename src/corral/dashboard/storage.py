@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from corral.backends.base import QueueBackend
-from corral.message import JobInfo, JobState
+from corral.message import STATE_ORDER, JobInfo, JobState
 from corral.metrics import Throughput
 from corral.schedules import SLOT_JOB_PREFIX, ScheduleInfo, slot_job_id, slot_of
 from corral.service import QueueService
@@ -27,16 +27,6 @@ from corral.workers import WorkerInfo
 logger = logging.getLogger("corral.dashboard")
 T = TypeVar("T")
 MAX_CHILDREN_SHOWN = 200
-
-STATE_ORDER = (
-    JobState.ACTIVE,
-    JobState.WAITING,
-    JobState.WAITING_CHILDREN,
-    JobState.DELAYED,
-    JobState.FAILED,
-    JobState.COMPLETED,
-)
-"""Where jobs are now, then where they ended; states a later version adds come after these."""
 
 
 def states() -> list[JobState]:
